@@ -1,0 +1,88 @@
+"""What a scorer sees of one attention call, and the fp32 attention math scorers share.
+
+Everything here works on plain tensors (no transformers import). Attention probabilities are computed in
+fp32, query chunk by query chunk, so a prefill of ``L`` tokens never materializes an ``L x L`` matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+SCORE_CHUNK = 256  # queries per chunk when scorers walk over a whole prefill
+
+
+@dataclass
+class Observation:
+    """One layer's attention call, as stored rows and new queries.
+
+    Keys are the rows the cache holds *after* this call's tokens were appended (padded per segment).
+    Positions are absolute token positions, so causality and sliding windows never depend on where a row
+    sits in storage.
+    """
+
+    query: torch.Tensor  # (B, H, q, D) post-RoPE queries of this call
+    query_positions: torch.Tensor  # (B, q) absolute positions
+    query_valid: torch.Tensor  # (B, q) bool, False for left padding
+    keys: torch.Tensor  # (B, H_kv, T, D) stored keys, padded per (b, h)
+    values: torch.Tensor  # (B, H_kv, T, D)
+    key_positions: torch.Tensor  # (B, H_kv, T) absolute positions, -1 in padding slots
+    key_valid: torch.Tensor  # (B, H_kv, T) bool
+    scaling: float
+    layer_idx: int
+    num_layers: int
+    sliding_window: int | None = None
+    is_prefill: bool = True
+
+    @property
+    def batch_size(self) -> int:
+        return self.query.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def group_size(self) -> int:
+        return self.query.shape[1] // self.keys.shape[1]
+
+    @property
+    def query_length(self) -> int:
+        return self.query.shape[2]
+
+    def visibility(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """(B, H_kv, qc, T) bool: which stored keys the queries ``start:stop`` may attend to."""
+        qpos = self.query_positions[:, start:stop]  # (B, qc)
+        kpos = self.key_positions[:, :, None, :]  # (B, H_kv, 1, T)
+        qp = qpos[:, None, :, None]  # (B, 1, qc, 1)
+        visible = self.key_valid[:, :, None, :] & (kpos <= qp)
+        if self.sliding_window is not None:
+            visible &= kpos > qp - self.sliding_window
+        return visible
+
+    def probabilities(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """fp32 softmax attention of queries ``start:stop`` over the stored keys.
+
+        Returns (B, H_kv, g, qc, T); rows of invalid (padding) queries are all zero.
+        """
+        b, h, _, d = self.query.shape
+        q = self.query[:, :, start:stop].float()  # (B, H, qc, D)
+        qc = q.shape[2]
+        q = q.view(b, self.num_kv_heads, self.group_size, qc, d)
+        logits = torch.einsum("bkgqd,bktd->bkgqt", q, self.keys.float()) * self.scaling
+        visible = self.visibility(start, stop)[:, :, None]  # (B, H_kv, 1, qc, T)
+        logits = logits.masked_fill(~visible, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        qvalid = self.query_valid[:, start:stop][:, None, None, :, None]
+        return torch.nan_to_num(probs, nan=0.0) * qvalid
+
+    def probability_chunks(self, start: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(chunk_start, probabilities)`` over queries ``start:`` in chunks of ``SCORE_CHUNK``."""
+        for s in range(start, self.query_length, SCORE_CHUNK):
+            yield s, self.probabilities(s, min(s + SCORE_CHUNK, self.query_length))
+
+    def last_queries(self, count: int) -> int:
+        """Index of the first of the last ``count`` queries of this call."""
+        return max(0, self.query_length - count)

@@ -1,0 +1,106 @@
+"""``SqueezeCache``: a ``transformers.Cache`` that stores only what its method keeps.
+
+    model, tokenizer = kvsqueeze.load_model()
+    cache = SqueezeCache(model, method="snapkv", budget=0.25)
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+    print(cache.nbytes(), "bytes kept of", cache.full_nbytes())
+
+One cache serves one generation (one batch of sequences); build a new one, or call ``reset()``, for the next.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import PreTrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache
+
+from kvsqueeze.attention.interface import enable
+from kvsqueeze.cache.budget import Budget
+from kvsqueeze.cache.layer import SqueezeLayer
+from kvsqueeze.methods import Method, get_method
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma3_text")
+
+
+def check_architecture(config: PreTrainedConfig) -> PreTrainedConfig:
+    """The decoder config of a supported model; a one-line ``ValueError`` for anything else."""
+    text = config.get_text_config(decoder=True)
+    if text.model_type not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"architecture {text.model_type!r} is not supported yet; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return text
+
+
+class SqueezeCache(Cache):
+    """A KV cache compressed by a kvsqueeze method, one :class:`SqueezeLayer` per model layer.
+
+    Args:
+        model: the model (switched to kvsqueeze attention if it is not already) or its config.
+        method: a method name (see ``kvsqueeze methods``) or a built :class:`~kvsqueeze.methods.Method`.
+        budget: ratio of the prompt in (0, 1] or absolute tokens per KV head per layer (on average).
+        **params: hyperparameter overrides for a method given by name.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel | PreTrainedConfig,
+        method: str | Method = "full",
+        budget: float | int | str | Budget = 1.0,
+        **params: Any,
+    ) -> None:
+        config = model if isinstance(model, PreTrainedConfig) else model.config
+        if isinstance(model, PreTrainedModel):
+            enable(model)
+        text = check_architecture(config)
+        self.method = get_method(method, **params)
+        self.budget = Budget.parse(budget)
+        self.config = text
+        components = self.method.components()
+        layer_types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+        n = text.num_hidden_layers
+        layers = [
+            SqueezeLayer(
+                components,
+                self.budget,
+                layer_idx=i,
+                num_layers=n,
+                sliding_window=text.sliding_window if layer_types[i] == "sliding_attention" else None,
+            )
+            for i in range(n)
+        ]
+        super().__init__(layers=layers)
+
+    # ------------------------------------------------------------------ measurement
+
+    def nbytes(self) -> int:
+        """Bytes the cache holds now, measured from its tensors (keys, values, positions, scorer state)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def kv_nbytes(self) -> int:
+        """Bytes of the stored keys and values alone."""
+        return sum(layer.kv_nbytes() for layer in self.layers)
+
+    def full_nbytes(self) -> int:
+        """Bytes a stock ``DynamicCache`` built from the model config would hold for the same tokens."""
+        total = 0
+        for layer in self.layers:
+            if not layer.is_initialized:
+                continue
+            length = layer.seen if layer.sliding_window is None else min(layer.seen, layer.sliding_window)
+            per_row = layer.head_dim * torch.empty((), dtype=layer.dtype).element_size()
+            total += 2 * layer.batch_size * layer.num_kv_heads * length * per_row
+        return total
+
+    def stored_rows(self) -> torch.Tensor:
+        """Rows kept per layer, sequence and KV head, (N_layers, B, H_kv)."""
+        return torch.stack([layer.rows.lengths.view(layer.batch_size, -1) for layer in self.layers])
+
+    def compression_seconds(self) -> float:
+        """Time spent scoring and selecting so far."""
+        return sum(layer.compression_seconds for layer in self.layers)
+
+    def __repr__(self) -> str:
+        return f"SqueezeCache(method={self.method.name}, budget={self.budget}, layers={len(self.layers)})"

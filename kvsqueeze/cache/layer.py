@@ -1,0 +1,332 @@
+"""One layer of a :class:`~kvsqueeze.cache.cache.SqueezeCache`: ragged kept rows plus the method's step.
+
+The layer keeps two lengths apart:
+
+* the **logical** length ``seen``: tokens this layer has seen (left padding included, as in the 2-D attention
+  mask). ``get_seq_length`` reports it, so ``generate`` slices new input and assigns positions correctly;
+* the **physical** rows: what is stored per (sequence, KV head), each row with its absolute position.
+
+``update`` appends the new rows and returns padded views; the kvsqueeze attention function then calls
+:meth:`SqueezeLayer.attend`, which drops left-padding rows, computes exact attention over the stored rows,
+lets the scorer observe the queries, and compresses on the method's schedule.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from kvsqueeze.actions.evict import protected_rows, select_rows
+from kvsqueeze.allocators.base import LayerRequest
+from kvsqueeze.attention.binding import bind
+from kvsqueeze.attention.masks import attention_mask_for
+from kvsqueeze.attention.observation import Observation
+from kvsqueeze.cache.budget import Budget
+from kvsqueeze.cache.packed import PackedRows
+from kvsqueeze.methods.base import Components, Schedule
+
+KV_FIELDS = ("keys", "values")
+
+
+class SqueezeLayer(CacheLayerMixin):
+    """A cache layer that physically stores only kept rows, per sequence and KV head."""
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(
+        self,
+        components: Components,
+        budget: Budget,
+        layer_idx: int,
+        num_layers: int,
+        sliding_window: int | None = None,
+    ) -> None:
+        # CacheLayerMixin.__init__ would assign self.keys / self.values, which are read-only views here.
+        self.is_initialized = False
+        self.components = components
+        self.budget = budget
+        self.layer_idx = layer_idx
+        self.num_layers = num_layers
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self.rows: PackedRows | None = None
+        self.seen = 0  # logical tokens seen, left padding included
+        self.batch_size = 0
+        self.num_kv_heads = 0
+        self.head_dim = 0
+        self.prompt_lengths: torch.Tensor | None = None  # (B,) real prompt tokens
+        self.layer_budget: torch.Tensor | None = None  # (B,) rows this layer may keep
+        self.compression_seconds = 0.0
+        self.is_initialized = False
+
+    # ------------------------------------------------------------ transformers layer API
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.batch_size, self.num_kv_heads, _, self.head_dim = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.rows = PackedRows(self.batch_size * self.num_kv_heads, device=key_states.device)
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this call's keys/values (B, H_kv, q, D) and return the stored rows, padded."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        b, h, q, d = key_states.shape
+        positions = _positions_from_kwargs(kwargs, b, q, self.seen, key_states.device)  # (B, q)
+        new = {
+            "keys": key_states.reshape(b * h, q, d),
+            "values": value_states.reshape(b * h, q, d),
+            "positions": positions[:, None, :].expand(b, h, q).reshape(b * h, q).to(torch.int32),
+        }
+        if self.components.scorer is not None and self.components.scorer.stateful:
+            new["score"] = torch.zeros(b * h, q, dtype=torch.float32, device=key_states.device)
+        self.rows.append(new)
+        self.seen += q
+        keys, values = self.keys, self.values
+        bind(keys, self)
+        return keys, values
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """Stored keys, (B, H_kv, T_max, D), zero-padded where a segment holds fewer rows."""
+        return self._padded("keys")
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """Stored values, (B, H_kv, T_max, D)."""
+        return self._padded("values")
+
+    def _padded(self, name: str) -> torch.Tensor | None:
+        if self.rows is None or name not in self.rows.fields:
+            return None
+        padded = self.rows.padded(name)
+        return padded.view(self.batch_size, self.num_kv_heads, *padded.shape[1:])
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        """The logical length: tokens seen, not rows stored."""
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._reset_state()
+
+    def offload(self) -> None:
+        """Offloading is not supported for compressed layers; the rows stay where they are."""
+
+    def prefetch(self) -> None:
+        """See :meth:`offload`."""
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.rows is None:
+            return
+        h = self.num_kv_heads
+        segments = (indices.to(self.rows.lengths.device)[:, None] * h + torch.arange(h)).reshape(-1)
+        self.rows.select_segments(segments)
+        for name in ("prompt_lengths", "layer_budget"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value[indices])
+        self.batch_size = len(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.batch_select_indices(torch.arange(self.batch_size).repeat_interleave(repeats))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError(
+            "a compressed cache cannot be cropped (assisted/speculative decoding is not supported)"
+        )
+
+    # ------------------------------------------------------------ bytes
+
+    def nbytes(self) -> int:
+        """Bytes this layer holds: keys, values, positions and any per-row scorer state."""
+        return 0 if self.rows is None else self.rows.nbytes()
+
+    def kv_nbytes(self) -> int:
+        """Bytes of the stored keys and values alone."""
+        return 0 if self.rows is None else self.rows.nbytes(KV_FIELDS)
+
+    def kept_positions(self) -> list[list[list[int]]]:
+        """Absolute positions kept, per sequence and KV head: ``[b][h] -> [pos, ...]`` (for tests and tools)."""
+        if self.rows is None:
+            return []
+        pos = self.rows.fields["positions"].tolist()
+        out, start = [], 0
+        lengths = self.rows.lengths.tolist()
+        for b in range(self.batch_size):
+            heads = []
+            for h in range(self.num_kv_heads):
+                n = lengths[b * self.num_kv_heads + h]
+                heads.append(pos[start : start + n])
+                start += n
+            out.append(heads)
+        return out
+
+    # ------------------------------------------------------------ attention and compression
+
+    def attend(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,  # (B, H, q, D)
+        attention_mask: torch.Tensor | None,
+        scaling: float,
+        dropout: float = 0.0,
+        sliding_window: int | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Exact attention of ``query`` over the stored rows, then the method's compression step."""
+        b, _, q, _ = query.shape
+        query_valid = _query_validity(attention_mask, b, q, query.device)  # (B, q)
+        is_prefill = self.prompt_lengths is None
+        if not bool(query_valid.all()):
+            self._drop_new_rows(~query_valid)
+        if is_prefill:
+            self.prompt_lengths = query_valid.sum(-1)
+        window = sliding_window if sliding_window is not None else self.sliding_window
+        obs = self._observe(query, query_valid, position_ids, scaling, window, is_prefill)
+        output = self._attention_output(module, obs, dropout)
+        self._compress(obs)
+        if window is not None:
+            self._trim_sliding_window(obs, window)
+        return output
+
+    def _observe(
+        self,
+        query: torch.Tensor,
+        query_valid: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        scaling: float,
+        window: int | None,
+        is_prefill: bool,
+    ) -> Observation:
+        b, _, q, _ = query.shape
+        h = self.num_kv_heads
+        t = self.rows.max_length
+        qpos = _positions_from_kwargs(
+            {"kwargs": {"position_ids": position_ids}}, b, q, self.seen - q, query.device
+        )
+        return Observation(
+            query=query,
+            query_positions=qpos,
+            query_valid=query_valid,
+            keys=self.keys,
+            values=self.values,
+            key_positions=self.rows.padded("positions", fill=-1).view(b, h, t).long(),
+            key_valid=self.rows.valid_mask().view(b, h, t),
+            scaling=scaling,
+            layer_idx=self.layer_idx,
+            num_layers=self.num_layers,
+            sliding_window=window,
+            is_prefill=is_prefill,
+        )
+
+    def _attention_output(self, module: torch.nn.Module, obs: Observation, dropout: float) -> torch.Tensor:
+        mask = attention_mask_for(obs)
+        out, _ = sdpa_attention_forward(
+            module, obs.query, obs.keys, obs.values, mask, dropout=dropout, scaling=obs.scaling
+        )
+        return out
+
+    def _drop_new_rows(self, padding: torch.Tensor) -> None:
+        """Remove the rows of left-padding tokens just appended; ``padding`` is (B, q) bool."""
+        b, q = padding.shape
+        h = self.num_kv_heads
+        t = self.rows.max_length
+        lengths = self.rows.lengths.view(b, h)
+        slot = torch.arange(t, device=padding.device)
+        is_new = slot[None, None, :] >= (lengths - q)[..., None]  # (B, H, T)
+        new_col = (slot[None, None, :] - (lengths - q)[..., None]).clamp(0, q - 1)
+        drop = is_new & torch.gather(padding[:, None, :].expand(b, h, q), 2, new_col)
+        keep = self.rows.valid_mask().view(b, h, t) & ~drop
+        index = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices.view(b * h, t)
+        self.rows.select(index, keep.sum(-1).view(-1))
+
+    def _compress(self, obs: Observation) -> None:
+        comp = self.components
+        if comp.schedule is Schedule.NEVER:
+            return
+        if not obs.is_prefill and comp.schedule is not Schedule.EVERY_STEP:
+            return
+        start = time.perf_counter()
+        state = None
+        if comp.scorer.stateful:
+            state = self.rows.padded("score").view(obs.key_positions.shape)
+        scores = comp.scorer.score(obs, state)  # (B, H_kv, T) fp32
+        if comp.scorer.stateful:
+            self.rows.update_field("score", scores.reshape(-1, scores.shape[-1]))
+        if obs.is_prefill:
+            self.layer_budget = self._allocate()
+        lengths = self.rows.lengths.view(obs.batch_size, -1)
+        if bool((lengths > self.layer_budget[:, None]).any()):
+            recent = torch.tensor(
+                [comp.protected_recent(int(n)) for n in self.layer_budget.tolist()], device=scores.device
+            )
+            protected = protected_rows(obs.key_positions, obs.key_valid, recent, comp.sinks)
+            counts = self.layer_budget[:, None].expand_as(lengths)
+            index, counts = select_rows(scores, obs.key_valid, protected, counts)
+            self.rows.select(index, counts)
+        self.compression_seconds += time.perf_counter() - start
+
+    def _allocate(self) -> torch.Tensor:
+        """Rows this layer keeps per sequence, (B,), from the budget and the allocator."""
+        comp = self.components
+        average = self.budget.resolve(self.prompt_lengths)
+        too_small = average < comp.min_budget()
+        if bool(too_small.any()):
+            raise ValueError(
+                f"budget of {int(average[too_small][0])} tokens is too small for this method: it always keeps "
+                f"{comp.sinks} sink(s) and a window of {comp.window}; use a budget of at least {comp.min_budget()}"
+            )
+        request = LayerRequest(self.layer_idx, self.num_layers, average, self.prompt_lengths, comp.window)
+        return comp.allocator.layer_budget(request)
+
+    def _trim_sliding_window(self, obs: Observation, window: int) -> None:
+        """Free rows that no future query of a sliding-window layer can see."""
+        newest = obs.query_positions.max(dim=-1).values  # (B,)
+        positions = self.rows.padded("positions", fill=-1).view(obs.batch_size, self.num_kv_heads, -1)
+        keep = self.rows.valid_mask().view_as(positions) & (positions > (newest + 1 - window)[:, None, None])
+        if bool(keep.sum() == self.rows.num_rows):
+            return
+        t = keep.shape[-1]
+        index = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices.view(-1, t)
+        self.rows.select(index, keep.sum(-1).view(-1))
+
+
+def _query_validity(
+    attention_mask: torch.Tensor | None, b: int, q: int, device: torch.device
+) -> torch.Tensor:
+    """(B, q) bool: which of this call's tokens are real, from the 2-D padding mask when there is one."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return torch.ones(b, q, dtype=torch.bool, device=device)
+    return attention_mask[:, -q:].to(torch.bool)
+
+
+def _positions_from_kwargs(kwargs: dict, b: int, q: int, start: int, device: torch.device) -> torch.Tensor:
+    """(B, q) absolute positions of this call's tokens: the model's ``position_ids`` when it passes them,
+    else ``start + arange(q)``."""
+    inner = kwargs.get("kwargs", kwargs) or {}
+    position_ids = inner.get("position_ids")
+    if position_ids is None:
+        return (torch.arange(q, device=device) + start).expand(b, q)
+    position_ids = position_ids.to(device)
+    if position_ids.dim() == 3:  # multimodal rope sections: the text axis is the first
+        position_ids = position_ids[0]
+    return position_ids[..., -q:].expand(b, q)

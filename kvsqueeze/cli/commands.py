@@ -1,0 +1,143 @@
+"""What each ``kvsqueeze`` subcommand does. Model imports are deferred so ``--help`` stays instant."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import textwrap
+from pathlib import Path
+
+from kvsqueeze.cli.demo_text import DEMO_QUESTION, demo_document
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.file:
+        path = Path(args.file)
+        if not path.is_file():
+            raise ValueError(f"prompt file not found: {path}")
+        return path.read_text(encoding="utf-8")
+    if args.prompt is not None and args.prompt != "-":
+        return args.prompt
+    if sys.stdin is None or sys.stdin.isatty():
+        raise ValueError("no prompt: pass it as an argument, with --file, or on stdin")
+    return sys.stdin.read()
+
+
+def _load(args: argparse.Namespace):
+    from kvsqueeze.models import DEFAULT_MODEL, load_model
+
+    return load_model(args.model or DEFAULT_MODEL)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from kvsqueeze.cache import Budget
+    from kvsqueeze.generation import generate
+    from kvsqueeze.methods import get_method
+
+    prompt = _read_prompt(args)
+    if not prompt.strip():
+        raise ValueError("the prompt is empty")
+    method = get_method(args.method, **dict(args.param))  # validate before the model loads
+    budget = Budget.parse(args.budget)
+    model, tokenizer = _load(args)
+    result = generate(
+        model,
+        tokenizer,
+        prompt,
+        method,
+        budget,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        chat=not args.no_chat,
+    )
+    print(result.text)
+    print(result.summary(), file=sys.stderr)
+    return 0
+
+
+def run_methods(args: argparse.Namespace) -> int:
+    from kvsqueeze.methods import METHODS
+
+    for name in sorted(METHODS):
+        cls = METHODS[name]
+        fields = dataclasses.fields(cls)
+        params = ", ".join(f"{f.name}={f.default!r}" for f in fields) or "-"
+        print(f"{name:<15} {cls.summary}")
+        print(f"{'':<15} params: {params}")
+    return 0
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from kvsqueeze.models import list_models
+
+    for line in list_models():
+        print(line)
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from kvsqueeze.generation import format_bytes
+    from kvsqueeze.models import DEFAULT_MODEL
+
+    model, _ = _load(args)
+    cfg = model.config.get_text_config(decoder=True)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+    sliding = sum(t == "sliding_attention" for t in layer_types)
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * model.dtype.itemsize
+    rows = [
+        ("model", args.model or DEFAULT_MODEL),
+        ("architecture", cfg.model_type),
+        (
+            "layers",
+            f"{cfg.num_hidden_layers}"
+            + (f" ({sliding} sliding over {cfg.sliding_window})" if sliding else ""),
+        ),
+        ("attention heads", cfg.num_attention_heads),
+        (
+            "KV heads",
+            f"{cfg.num_key_value_heads} (group of {cfg.num_attention_heads // cfg.num_key_value_heads})",
+        ),
+        ("head dim", head_dim),
+        ("max context", cfg.max_position_embeddings),
+        ("dtype", str(model.dtype).replace("torch.", "")),
+        ("KV bytes per token", f"{per_token:,} ({format_bytes(per_token)})"),
+        ("KV bytes at max context", format_bytes(per_token * cfg.max_position_embeddings)),
+    ]
+    for key, value in rows:
+        print(f"{key:<24} {value}")
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from kvsqueeze.generation import generate
+    from kvsqueeze.methods import get_method
+
+    method = get_method(args.method, **dict(args.param))
+    print("kvsqueeze demo: one long prompt, answered with the full KV cache and with a compressed one.")
+    model, tokenizer = _load(args)
+    prompt = demo_document() + "\n\n" + DEMO_QUESTION
+    runs = [
+        ("full cache", generate(model, tokenizer, prompt, "full", 1.0, max_new_tokens=args.max_new_tokens))
+    ]
+    label = f"{method.name} @ {args.budget}"
+    runs.append(
+        (label, generate(model, tokenizer, prompt, method, args.budget, max_new_tokens=args.max_new_tokens))
+    )
+    print(f"\nprompt: {runs[0][1].prompt_tokens[0]} tokens of a product document, then: {DEMO_QUESTION!r}\n")
+    width = 38
+    print(f"{'':<14}" + "".join(f"{name:<{width}}" for name, _ in runs))
+    wrapped = [textwrap.wrap(r.text.strip().replace("\n", " "), width - 2) or [""] for _, r in runs]
+    for i in range(max(len(w) for w in wrapped)):
+        head = "answer" if i == 0 else ""
+        print(f"{head:<14}" + "".join(f"{(w[i] if i < len(w) else ''):<{width}}" for w in wrapped))
+    from kvsqueeze.generation import format_bytes
+
+    print(f"{'cache bytes':<14}" + "".join(f"{format_bytes(r.cache_bytes):<{width}}" for _, r in runs))
+    print(f"{'vs full':<14}" + "".join(f"{r.memory_ratio:<{width}.1%}" for _, r in runs))
+    print(f"{'decode tok/s':<14}" + "".join(f"{r.decode_tokens_per_second:<{width}.1f}" for _, r in runs))
+    return 0

@@ -1,0 +1,106 @@
+"""The ``kvsqueeze`` command line: generate, methods, models, info, demo.
+
+User errors (unknown method, bad budget, empty prompt, missing model package, ...) print one line on
+stderr and exit with status 2; no stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+from collections.abc import Sequence
+
+from kvsqueeze.cli import commands
+
+
+def _param(text: str) -> tuple[str, object]:
+    """Parse ``name=value`` (value read as a Python literal when it is one: 16, 0.5, True, 'avg')."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--param takes name=value, got {text!r}")
+    name, raw = text.split("=", 1)
+    try:
+        value: object = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    return name.strip(), value
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", "-m", default=None, help="alias, GGUF path, HF folder or hub id (default: smollm2-135m)"
+    )
+
+
+def _add_method(p: argparse.ArgumentParser, default_method: str, default_budget: str) -> None:
+    p.add_argument("--method", default=default_method, help=f"compression method (default: {default_method})")
+    p.add_argument(
+        "--budget",
+        default=default_budget,
+        help=f"ratio of the prompt in (0, 1] or tokens per head, e.g. 0.25 or 512 (default: {default_budget})",
+    )
+    p.add_argument(
+        "--param",
+        "-p",
+        action="append",
+        type=_param,
+        default=[],
+        metavar="NAME=VALUE",
+        help="method hyperparameter",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvsqueeze", description="Compress the KV cache of a causal LM.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text with a compressed cache")
+    gen.add_argument("prompt", nargs="?", help="the prompt; '-' or nothing reads stdin")
+    gen.add_argument("--file", "-f", help="read the prompt from a file")
+    _add_model(gen)
+    _add_method(gen, "snapkv", "0.25")
+    gen.add_argument("--max-new-tokens", "-n", type=int, default=64)
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=0.7)
+    gen.add_argument("--top-p", type=float, default=0.9)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    gen.set_defaults(run=commands.run_generate)
+
+    methods = sub.add_parser("methods", help="list the methods and their parameters")
+    methods.set_defaults(run=commands.run_methods)
+
+    models = sub.add_parser("models", help="list the built-in packaged models")
+    models.set_defaults(run=commands.run_models)
+
+    info = sub.add_parser("info", help="model facts: layers, heads, context, KV bytes per token")
+    _add_model(info)
+    info.set_defaults(run=commands.run_info)
+
+    demo = sub.add_parser(
+        "demo", help="the same prompt with the full cache and a compressed one, side by side"
+    )
+    _add_model(demo)
+    _add_method(demo, "snapkv", "0.25")
+    demo.add_argument("--max-new-tokens", "-n", type=int, default=24)
+    demo.set_defaults(run=commands.run_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``kvsqueeze`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"kvsqueeze: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kvsqueeze: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,172 @@
+"""``kvsqueeze.generate``: one call from prompt to answer, with the cache compressed and measured."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+
+from kvsqueeze.cache import SqueezeCache
+from kvsqueeze.methods import Method
+
+
+@dataclass
+class GenerationResult:
+    """What a :func:`generate` call produced and what its cache cost."""
+
+    texts: list[str]
+    method: str
+    budget: str
+    prompt_tokens: list[int]  # real (unpadded) prompt tokens per sequence
+    new_tokens: int  # tokens generated per sequence (the longest)
+    cache_bytes: int  # bytes the compressed cache held at the end, measured from its tensors
+    full_cache_bytes: int  # bytes a stock DynamicCache would hold for the same tokens
+    prefill_seconds: float
+    decode_seconds: float
+    compression_seconds: float
+    token_ids: torch.Tensor = field(repr=False)  # (B, new_tokens)
+
+    @property
+    def text(self) -> str:
+        """The first sequence's text."""
+        return self.texts[0]
+
+    @property
+    def memory_ratio(self) -> float:
+        return self.cache_bytes / max(1, self.full_cache_bytes)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        steps = max(0, self.new_tokens - 1)
+        return steps / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+    def summary(self) -> str:
+        """One line comparing cache bytes, full vs kept."""
+        return (
+            f"cache: {format_bytes(self.full_cache_bytes)} full vs {format_bytes(self.cache_bytes)} kept "
+            f"({self.memory_ratio:.1%}) | {self.method} @ {self.budget} | prompt {max(self.prompt_tokens)} tok, "
+            f"{self.new_tokens} new"
+        )
+
+
+def format_bytes(n: int) -> str:
+    """Human-readable byte count (KiB/MiB/GiB)."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+class _StepClock(LogitsProcessor):
+    """Records the wall time of every generation step (the first call comes right after prefill)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], chat: bool = True
+) -> dict[str, torch.Tensor]:
+    """Tokenize prompts (through the chat template when the tokenizer has one), left-padded."""
+    for p in prompts:
+        if not p or not p.strip():
+            raise ValueError("the prompt is empty")
+    if chat and getattr(tokenizer, "chat_template", None):
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+            for p in prompts
+        ]
+        add_special = False
+    else:
+        texts, add_special = prompts, True
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special)
+
+
+def check_prompt_length(model: PreTrainedModel, prompt_tokens: int, max_new_tokens: int = 0) -> None:
+    """One-line ``ValueError`` when the prompt does not fit the model's positions."""
+    limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    if limit is not None and prompt_tokens + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt of {prompt_tokens} tokens (+{max_new_tokens} new) exceeds the model's {limit} positions"
+        )
+
+
+@torch.inference_mode()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str | list[str],
+    method: str | Method = "full",
+    budget: float | int | str = 1.0,
+    *,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    chat: bool = True,
+    **method_params: object,
+) -> GenerationResult:
+    """Generate from one prompt or a batch with a compressed cache, and measure it.
+
+    Args:
+        model, tokenizer: from :func:`kvsqueeze.load_model` or any supported Hugging Face causal LM.
+        prompt: a string or a list of strings (batched with left padding).
+        method: a method name or a built method; ``budget``: ratio in (0, 1] or tokens.
+        max_new_tokens, do_sample, temperature, top_p, seed: as in ``model.generate``.
+        chat: wrap prompts in the tokenizer's chat template when it has one.
+        **method_params: hyperparameter overrides for the method.
+    """
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise ValueError("the prompt is empty")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    cache = SqueezeCache(model, method, budget, **method_params)
+    inputs = encode_prompts(tokenizer, prompts, chat=chat).to(model.device)
+    lengths = inputs["attention_mask"].sum(-1)
+    check_prompt_length(model, inputs["input_ids"].shape[1], max_new_tokens)
+    if seed is not None:
+        torch.manual_seed(seed)
+    clock = _StepClock()
+    sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+    start = time.perf_counter()
+    out = model.generate(
+        **inputs,
+        cache=cache,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        logits_processor=LogitsProcessorList([clock]),
+        pad_token_id=tokenizer.pad_token_id,
+        **sampling,
+    )
+    end = time.perf_counter()
+    new = out[:, inputs["input_ids"].shape[1] :]
+    first = clock.times[0] if clock.times else end
+    last = clock.times[-1] if clock.times else end
+    return GenerationResult(
+        texts=tokenizer.batch_decode(new, skip_special_tokens=True),
+        method=cache.method.name,
+        budget=str(cache.budget),
+        prompt_tokens=lengths.tolist(),
+        new_tokens=new.shape[1],
+        cache_bytes=cache.nbytes(),
+        full_cache_bytes=cache.full_nbytes(),
+        prefill_seconds=first - start,
+        decode_seconds=last - first,
+        compression_seconds=cache.compression_seconds(),
+        token_ids=new,
+    )

@@ -1,0 +1,108 @@
+"""A method is a named composition: scorer x allocator x action x schedule.
+
+Each method file defines a dataclass whose fields are the paper's hyperparameters (with the paper's or
+official code's defaults) and whose :meth:`Method.components` builds the four parts. The cache runs every
+method through the same code, so a new method is one short file and needs no special case anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import ClassVar
+
+from kvsqueeze.allocators.base import Allocator
+from kvsqueeze.scorers.base import Scorer
+
+
+class Schedule(StrEnum):
+    """When a method compresses."""
+
+    NEVER = "never"  # the full cache
+    PREFILL = "prefill"  # once, at the end of the first forward pass (the prompt)
+    EVERY_STEP = "every_step"  # after the prompt, and again at every decode step
+
+
+class Action(StrEnum):
+    """What happens to a low-score row."""
+
+    EVICT = "evict"
+
+
+@dataclass(frozen=True)
+class Components:
+    """The four choices of a method, plus the rows it always protects."""
+
+    scorer: Scorer | None
+    allocator: Allocator | None
+    action: Action = Action.EVICT
+    schedule: Schedule = Schedule.PREFILL
+    window: int = 0  # the last `window` rows are always kept
+    sinks: int = 0  # rows at positions < sinks are always kept
+    recent_share: float | None = None  # if set, the protected window is this share of each layer's budget
+
+    def protected_recent(self, layer_budget: int) -> int:
+        """Rows protected at the end of a segment for a layer that keeps ``layer_budget`` rows."""
+        if self.recent_share is not None:
+            return int(layer_budget * self.recent_share)
+        return self.window
+
+    def min_budget(self) -> int:
+        """The smallest per-layer budget this method can honour."""
+        return self.sinks + (0 if self.recent_share is not None else self.window) + 1
+
+
+@dataclass
+class Method(ABC):
+    """Base class of every named method. Subclasses are dataclasses and register with :func:`register`."""
+
+    name: ClassVar[str] = "method"
+    summary: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` with a one-line message when a hyperparameter is out of range."""
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+                raise ValueError(f"{self.name}: {field.name} must be >= 0, got {value}")
+
+    @abstractmethod
+    def components(self) -> Components:
+        """Build the scorer, allocator, action and schedule of this method."""
+
+    def params(self) -> dict[str, object]:
+        """Hyperparameters and their current values."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available by its ``name``."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(method: str | Method, **params: object) -> Method:
+    """Build a method by name with hyperparameter overrides, or pass a built one through."""
+    if isinstance(method, Method):
+        if params:
+            return dataclasses.replace(method, **params)
+        return method
+    key = str(method).strip().lower().replace("-", "_")
+    if key not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(sorted(METHODS))}")
+    cls = METHODS[key]
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ValueError(
+            f"{key} has no parameter {', '.join(unknown)}; its parameters: {', '.join(sorted(known)) or 'none'}"
+        )
+    return cls(**params)
