@@ -1,5 +1,8 @@
-"""Actions: what happens to a low-score row. This release: evict (free it)."""
+"""Actions: what happens to a low-score row. See :mod:`kvsqueeze.actions.base`."""
 
-from kvsqueeze.actions.evict import protected_rows, select_rows
+from kvsqueeze.actions.base import Action
+from kvsqueeze.actions.evict import Evict, protected_rows, select_rows
 
-__all__ = ["protected_rows", "select_rows"]
+ACTIONS: dict[str, type[Action]] = {cls.name: cls for cls in (Evict,)}
+
+__all__ = ["ACTIONS", "Action", "Evict", "protected_rows", "select_rows"]

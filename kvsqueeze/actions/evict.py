@@ -1,12 +1,33 @@
 """Evict: keep the top-scoring rows of every segment, free the rest.
 
-Protected rows (the recent window and the attention sinks) always stay. Kept rows are re-sorted into
-temporal order, so "the last w rows" keeps meaning the most recent tokens.
+Protected rows (the recent window and the attention sinks) always stay. Kept rows stay in temporal order,
+so "the last w rows" keeps meaning the most recent tokens.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
+
+from kvsqueeze.actions.base import Action
+from kvsqueeze.attention.observation import Observation
+from kvsqueeze.cache.packed import PackedRows
+
+
+class Evict(Action):
+    """Free every row that was not chosen."""
+
+    name: ClassVar[str] = "evict"
+
+    def apply(
+        self,
+        rows: PackedRows,
+        obs: Observation,
+        scores: torch.Tensor,
+        keep: torch.Tensor,
+    ) -> None:
+        rows.keep(keep)
 
 
 def protected_rows(
@@ -30,17 +51,15 @@ def select_rows(
     key_valid: torch.Tensor,  # (B, H_kv, T) bool
     protected: torch.Tensor,  # (B, H_kv, T) bool
     counts: torch.Tensor,  # (B, H_kv) rows to keep
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """Rows to keep per segment: protected rows first, then the highest scores.
 
-    Returns ``index`` (B * H_kv, K) long in ascending (temporal) order and ``counts`` (B * H_kv,), the
-    number of leading entries of ``index`` each segment keeps.
+    Returns a (B * H_kv, T) bool mask with ``min(count, stored rows)`` True entries per segment.
     """
     b, h, t = scores.shape
     counts = torch.minimum(counts, key_valid.sum(-1)).reshape(-1)  # (S,)
     ranked = scores.float().masked_fill(protected, float("inf")).masked_fill(~key_valid, float("-inf"))
     k = int(counts.max()) if counts.numel() else 0
     top = ranked.reshape(b * h, t).topk(k, dim=-1).indices  # (S, K), best first
-    beyond = torch.arange(k, device=top.device)[None, :] >= counts[:, None]
-    index = top.masked_fill(beyond, t).sort(dim=-1).values  # slots past the count sort last
-    return index, counts
+    chosen = torch.arange(k, device=top.device)[None, :] < counts[:, None]  # (S, K)
+    return torch.zeros(b * h, t, dtype=torch.bool, device=top.device).scatter_(1, top, chosen)

@@ -81,6 +81,7 @@ def _plain_attention(
         layer_idx=getattr(module, "layer_idx", 0),
         num_layers=0,
         sliding_window=sliding_window,
+        all_keys_valid=bool(valid.all()),
     )
     mask = attention_mask_for(obs)
     out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling)

@@ -20,11 +20,13 @@ def attention_mask_for(obs: Observation) -> torch.Tensor | None:
     b, hk, t = obs.key_valid.shape
     q = obs.query_length
     if q == 1:
+        if obs.sliding_window is None and obs.all_keys_valid:
+            return None  # every stored row is in this token's past
         visible = obs.visibility()  # (B, H_kv, 1, T): cheap for one query
         if bool(visible.all()):
             return None
         return visible.repeat_interleave(obs.group_size, dim=1)
-    fresh = q == t and bool(obs.key_valid.all()) and bool(obs.query_valid.all())
+    fresh = q == t and obs.all_keys_valid and bool(obs.query_valid.all())
     window_is_moot = obs.sliding_window is None or t <= obs.sliding_window
     if fresh and window_is_moot and _is_arange(obs.query_positions, obs.key_positions):
         return None  # a fresh prefill: SDPA's causal mask is the same, and faster

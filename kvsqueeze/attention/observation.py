@@ -28,13 +28,14 @@ class Observation:
     query_valid: torch.Tensor  # (B, q) bool, False for left padding
     keys: torch.Tensor  # (B, H_kv, T, D) stored keys, padded per (b, h)
     values: torch.Tensor  # (B, H_kv, T, D)
-    key_positions: torch.Tensor  # (B, H_kv, T) absolute positions, -1 in padding slots
+    key_positions: torch.Tensor  # (B, H_kv, T) absolute positions (int32 or int64), -1 in padding slots
     key_valid: torch.Tensor  # (B, H_kv, T) bool
     scaling: float
     layer_idx: int
     num_layers: int
     sliding_window: int | None = None
     is_prefill: bool = True
+    all_keys_valid: bool = False  # a hint: no padding slot in `keys` (lets masks be skipped)
 
     @property
     def batch_size(self) -> int:
@@ -62,26 +63,42 @@ class Observation:
             visible &= kpos > qp - self.sliding_window
         return visible
 
-    def probabilities(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """fp32 softmax attention of queries ``start:stop`` over the stored keys.
+    def visible_prefix(self, start: int = 0, stop: int | None = None) -> int:
+        """How many leading stored rows queries ``start:stop`` can see at most.
 
-        Returns (B, H_kv, g, qc, T); rows of invalid (padding) queries are all zero.
+        Rows are stored in temporal order, so the rows at or before the chunk's last position form a prefix;
+        a causal chunk of a long prefill then skips the keys after it.
+        """
+        newest = self.query_positions[:, start:stop].max()
+        return int((self.key_valid & (self.key_positions <= newest)).sum(-1).max())
+
+    def probabilities(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """fp32 softmax attention of queries ``start:stop`` over the stored keys they can see.
+
+        Returns (B, H_kv, g, qc, T') over the first ``T' = visible_prefix(start, stop)`` stored rows (the
+        rows after them are invisible to these queries). Rows of padding queries are all zero.
         """
         b, h, _, d = self.query.shape
+        stop = self.query_length if stop is None else min(stop, self.query_length)
+        # The newest query of a call sees every stored row; a single such query needs no mask at all.
+        everything_visible = stop == self.query_length and self.all_keys_valid and self.sliding_window is None
+        width = self.keys.shape[2] if everything_visible else self.visible_prefix(start, stop)
         q = self.query[:, :, start:stop].float()  # (B, H, qc, D)
         qc = q.shape[2]
         q = q.view(b, self.num_kv_heads, self.group_size, qc, d)
-        logits = torch.einsum("bkgqd,bktd->bkgqt", q, self.keys.float()) * self.scaling
-        visible = self.visibility(start, stop)[:, :, None]  # (B, H_kv, 1, qc, T)
-        logits = logits.masked_fill(~visible, float("-inf"))
+        keys = self.keys[:, :, :width].float()  # (B, H_kv, T', D)
+        logits = torch.einsum("bkgqd,bktd->bkgqt", q, keys) * self.scaling
+        if not (everything_visible and qc == 1):
+            visible = self.visibility(start, stop)[..., :width][:, :, None]  # (B, H_kv, 1, qc, T')
+            logits = logits.masked_fill(~visible, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         qvalid = self.query_valid[:, start:stop][:, None, None, :, None]
         return torch.nan_to_num(probs, nan=0.0) * qvalid
 
-    def probability_chunks(self, start: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield ``(chunk_start, probabilities)`` over queries ``start:`` in chunks of ``SCORE_CHUNK``."""
+    def probability_chunks(self, start: int = 0) -> Iterator[torch.Tensor]:
+        """Yield :meth:`probabilities` over queries ``start:`` in chunks of ``SCORE_CHUNK`` queries."""
         for s in range(start, self.query_length, SCORE_CHUNK):
-            yield s, self.probabilities(s, min(s + SCORE_CHUNK, self.query_length))
+            yield self.probabilities(s, min(s + SCORE_CHUNK, self.query_length))
 
     def last_queries(self, count: int) -> int:
         """Index of the first of the last ``count`` queries of this call."""

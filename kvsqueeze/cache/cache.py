@@ -21,7 +21,8 @@ from kvsqueeze.cache.budget import Budget
 from kvsqueeze.cache.layer import SqueezeLayer
 from kvsqueeze.methods import Method, get_method
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma3_text")
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "mistral", "gemma3_text")
+"""Model types (``config.model_type``) whose attention the cache and the attention hook support."""
 
 
 def check_architecture(config: PreTrainedConfig) -> PreTrainedConfig:

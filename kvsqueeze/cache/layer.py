@@ -64,6 +64,7 @@ class SqueezeLayer(CacheLayerMixin):
         self.head_dim = 0
         self.prompt_lengths: torch.Tensor | None = None  # (B,) real prompt tokens
         self.layer_budget: torch.Tensor | None = None  # (B,) rows this layer may keep
+        self.protected_recent: torch.Tensor | None = None  # (B,) rows always kept at the end
         self.compression_seconds = 0.0
         self.is_initialized = False
 
@@ -140,7 +141,7 @@ class SqueezeLayer(CacheLayerMixin):
         h = self.num_kv_heads
         segments = (indices.to(self.rows.lengths.device)[:, None] * h + torch.arange(h)).reshape(-1)
         self.rows.select_segments(segments)
-        for name in ("prompt_lengths", "layer_budget"):
+        for name in ("prompt_lengths", "layer_budget", "protected_recent"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value[indices])
@@ -229,13 +230,14 @@ class SqueezeLayer(CacheLayerMixin):
             query_valid=query_valid,
             keys=self.keys,
             values=self.values,
-            key_positions=self.rows.padded("positions", fill=-1).view(b, h, t).long(),
+            key_positions=self.rows.padded("positions", fill=-1).view(b, h, t),
             key_valid=self.rows.valid_mask().view(b, h, t),
             scaling=scaling,
             layer_idx=self.layer_idx,
             num_layers=self.num_layers,
             sliding_window=window,
             is_prefill=is_prefill,
+            all_keys_valid=self.rows.is_uniform,
         )
 
     def _attention_output(self, module: torch.nn.Module, obs: Observation, dropout: float) -> torch.Tensor:
@@ -255,9 +257,7 @@ class SqueezeLayer(CacheLayerMixin):
         is_new = slot[None, None, :] >= (lengths - q)[..., None]  # (B, H, T)
         new_col = (slot[None, None, :] - (lengths - q)[..., None]).clamp(0, q - 1)
         drop = is_new & torch.gather(padding[:, None, :].expand(b, h, q), 2, new_col)
-        keep = self.rows.valid_mask().view(b, h, t) & ~drop
-        index = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices.view(b * h, t)
-        self.rows.select(index, keep.sum(-1).view(-1))
+        self.rows.keep((self.rows.valid_mask().view(b, h, t) & ~drop).view(b * h, t))
 
     def _compress(self, obs: Observation) -> None:
         comp = self.components
@@ -274,15 +274,15 @@ class SqueezeLayer(CacheLayerMixin):
             self.rows.update_field("score", scores.reshape(-1, scores.shape[-1]))
         if obs.is_prefill:
             self.layer_budget = self._allocate()
-        lengths = self.rows.lengths.view(obs.batch_size, -1)
-        if bool((lengths > self.layer_budget[:, None]).any()):
-            recent = torch.tensor(
+            self.protected_recent = torch.tensor(
                 [comp.protected_recent(int(n)) for n in self.layer_budget.tolist()], device=scores.device
             )
-            protected = protected_rows(obs.key_positions, obs.key_valid, recent, comp.sinks)
+        lengths = self.rows.lengths.view(obs.batch_size, -1)
+        if bool((lengths > self.layer_budget[:, None]).any()):
+            protected = protected_rows(obs.key_positions, obs.key_valid, self.protected_recent, comp.sinks)
             counts = self.layer_budget[:, None].expand_as(lengths)
-            index, counts = select_rows(scores, obs.key_valid, protected, counts)
-            self.rows.select(index, counts)
+            keep = select_rows(scores, obs.key_valid, protected, counts)
+            comp.action.apply(self.rows, obs, scores, keep)
         self.compression_seconds += time.perf_counter() - start
 
     def _allocate(self) -> torch.Tensor:
@@ -305,9 +305,7 @@ class SqueezeLayer(CacheLayerMixin):
         keep = self.rows.valid_mask().view_as(positions) & (positions > (newest + 1 - window)[:, None, None])
         if bool(keep.sum() == self.rows.num_rows):
             return
-        t = keep.shape[-1]
-        index = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices.view(-1, t)
-        self.rows.select(index, keep.sum(-1).view(-1))
+        self.rows.keep(keep.view(-1, keep.shape[-1]))
 
 
 def _query_validity(

@@ -145,6 +145,15 @@ class PackedRows:
         self.lengths = new_lengths.clone()
         self._refresh_uniform()
 
+    def keep(self, mask: torch.Tensor) -> None:
+        """Keep the rows where ``mask`` (S, T_max) is True, in their current order; free the others."""
+        seg, col = mask.nonzero(as_tuple=True)  # row-major: by segment, then in temporal order
+        flat = self.offsets()[seg] + col
+        for name, data in self.fields.items():
+            self.fields[name] = data.index_select(0, flat)
+        self.lengths = mask.sum(1).to(self.lengths)
+        self._refresh_uniform()
+
     def select_segments(self, segments: torch.Tensor) -> None:
         """Keep whole segments, in the given order (for batch selection and beam reordering)."""
         lengths = self.lengths[segments]
@@ -170,5 +179,6 @@ class PackedRows:
         if self.num_segments == 0:
             self._uniform_length = 0
             return
-        lo, hi = int(self.lengths.min()), int(self.lengths.max())
+        lengths = self.lengths.tolist()
+        lo, hi = min(lengths), max(lengths)
         self._uniform_length = lo if lo == hi else None

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import random
 
-DEMO_QUESTION = (
-    "According to the document, what is the launch code of the Aurora project? Answer with the code."
-)
-DEMO_FACT = "Important: the launch code of the Aurora project is 7-3-9-1-4."
+DEMO_QUESTION = "According to the document, from which city will the Aurora project launch?"
+DEMO_FACT = "Important: the Aurora project will launch from Reykjavik, in the spring."
 
 _TOPICS = ["storage", "routing", "billing", "support", "security", "logging", "backups", "pricing"]
 _SENTENCES = [
@@ -21,8 +19,8 @@ _SENTENCES = [
 ]
 
 
-def demo_document(paragraphs: int = 36, seed: int = 7) -> str:
-    """About 1.5k tokens of meeting notes, deterministic, with :data:`DEMO_FACT` near the middle."""
+def demo_document(paragraphs: int = 24, seed: int = 7) -> str:
+    """About 1.6k tokens of meeting notes, deterministic, with :data:`DEMO_FACT` near the middle."""
     rng = random.Random(seed)
     out = []
     for i in range(paragraphs):

@@ -1,7 +1,7 @@
 """Named methods. Importing this package registers them all."""
 
 from kvsqueeze.methods import full, h2o, knorm, pyramidkv, random, snapkv, streaming_llm  # noqa: F401
-from kvsqueeze.methods.base import METHODS, Action, Components, Method, Schedule, get_method, register
+from kvsqueeze.methods.base import METHODS, Components, Method, Schedule, get_method, register
 from kvsqueeze.methods.full import Full
 from kvsqueeze.methods.h2o import H2O
 from kvsqueeze.methods.knorm import Knorm
@@ -14,7 +14,6 @@ __all__ = [
     "H2O",
     "Knorm",
     "METHODS",
-    "Action",
     "Components",
     "Full",
     "Method",

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import ClassVar
 
+from kvsqueeze.actions.base import Action
+from kvsqueeze.actions.evict import Evict
 from kvsqueeze.allocators.base import Allocator
 from kvsqueeze.scorers.base import Scorer
 
@@ -25,19 +27,13 @@ class Schedule(StrEnum):
     EVERY_STEP = "every_step"  # after the prompt, and again at every decode step
 
 
-class Action(StrEnum):
-    """What happens to a low-score row."""
-
-    EVICT = "evict"
-
-
 @dataclass(frozen=True)
 class Components:
     """The four choices of a method, plus the rows it always protects."""
 
     scorer: Scorer | None
     allocator: Allocator | None
-    action: Action = Action.EVICT
+    action: Action = field(default_factory=Evict)
     schedule: Schedule = Schedule.PREFILL
     window: int = 0  # the last `window` rows are always kept
     sinks: int = 0  # rows at positions < sinks are always kept
@@ -66,10 +62,10 @@ class Method(ABC):
 
     def validate(self) -> None:
         """Raise ``ValueError`` with a one-line message when a hyperparameter is out of range."""
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
             if isinstance(value, int) and not isinstance(value, bool) and value < 0:
-                raise ValueError(f"{self.name}: {field.name} must be >= 0, got {value}")
+                raise ValueError(f"{self.name}: {f.name} must be >= 0, got {value}")
 
     @abstractmethod
     def components(self) -> Components:

@@ -14,13 +14,12 @@ from kvsqueeze.models.registry import (
     DEFAULT_MODEL,
     PACKAGED_MODELS,
     QUALITY_MODEL,
-    SUPPORTED_ARCHITECTURES,
     PackagedModel,
     cache_dir,
     find_packaged,
     models_cache_dir,
 )
-from kvsqueeze.models.tiny import tiny_config, tiny_model
+from kvsqueeze.models.tiny import SUPPORTED_ARCHITECTURES, tiny_config, tiny_model
 
 __all__ = [
     "DEFAULT_MODEL",

@@ -76,6 +76,29 @@ def _quiet_progress(progress: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def _memoized_gguf_name_maps() -> Iterator[None]:
+    """Cache ``gguf.get_tensor_name_map`` while loading a GGUF.
+
+    transformers rebuilds the same name map for every module of the model (hundreds of times, ~10 s
+    for SmolLM2); it depends only on (architecture, number of blocks), so one build per load suffices.
+    """
+    try:
+        import gguf
+    except ImportError:
+        yield
+        return
+    original = getattr(gguf, "get_tensor_name_map", None)
+    if original is None:
+        yield
+        return
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=8)(original)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = original
+
+
 def _from_pretrained(
     source: str | Path, *, dtype: torch.dtype, attn_implementation: str | None, gguf_file: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -89,9 +112,10 @@ def _from_pretrained(
 def _load_gguf(
     path: Path, dtype: torch.dtype, attn_implementation: str | None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    model, tokenizer = _from_pretrained(
-        path.parent, dtype=dtype, attn_implementation=attn_implementation, gguf_file=path.name
-    )
+    with _memoized_gguf_name_maps():
+        model, tokenizer = _from_pretrained(
+            path.parent, dtype=dtype, attn_implementation=attn_implementation, gguf_file=path.name
+        )
     try:
         _clear_gguf_quantizer(model)
     except RuntimeError as error:
@@ -144,6 +168,8 @@ def _save_hf_cache(
         stamp = {"alias": packaged.alias, "sha256": packaged.sha256, "transformers": transformers.__version__}
         (tmp / _CACHE_STAMP).write_text(json.dumps(stamp))
         tmp.chmod(0o755)  # mkdtemp makes it private
+        if _hf_cache_valid(folder, packaged):  # another process finished first
+            return
         if folder.exists():  # stale or invalid: replace it
             shutil.rmtree(folder)
         tmp.rename(folder)
@@ -228,8 +254,9 @@ def load_model(
 
     ``name`` is, in order of precedence: a packaged alias or full name (any case, see
     ``PACKAGED_MODELS``); a path to a ``.gguf`` file; a local HF folder with a ``config.json``; a
-    hub id in ``org/name`` form (needs network). Packaged models are verified against their SHA-256 and, with
-    ``use_hf_cache``, their dequantized weights are cached as an HF folder for fast later loads.
+    hub id in ``org/name`` form (needs network). Packaged models are verified against their SHA-256
+    and, with ``use_hf_cache``, their dequantized weights are saved once as an HF folder in the cache
+    (float32 safetensors) and loaded from it afterwards, which is many times faster than the GGUF.
     ``progress`` shows progress bars while assembling and loading.
 
     The model is in eval mode on ``device`` in ``dtype``; the tokenizer pads on the left and has a

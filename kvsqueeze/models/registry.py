@@ -10,9 +10,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "mistral", "gemma3_text")
-"""Model types (``config.model_type``) that kvsqueeze's attention and cache code support."""
-
 DEFAULT_MODEL = "smollm2-135m"
 QUALITY_MODEL = "qwen2.5-coder-0.5b"
 

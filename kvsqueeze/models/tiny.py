@@ -20,7 +20,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from kvsqueeze.models.registry import SUPPORTED_ARCHITECTURES
+from kvsqueeze.cache.cache import SUPPORTED_ARCHITECTURES
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "TINY_VOCAB_SIZE", "tiny_config", "tiny_model"]
 

@@ -29,6 +29,6 @@ class AccumulatedAttentionScorer(Scorer):
         total = torch.zeros(obs.key_positions.shape, dtype=torch.float32, device=obs.keys.device)
         if state is not None:
             total += state
-        for _, probs in obs.probability_chunks():  # (B, H_kv, g, qc, T)
-            total += reduce_group(probs.sum(dim=3), self.group)
+        for probs in obs.probability_chunks():  # (B, H_kv, g, qc, T')
+            total[..., : probs.shape[-1]] += reduce_group(probs.sum(dim=3), self.group)
         return total

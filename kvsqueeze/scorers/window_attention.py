@@ -42,11 +42,9 @@ class WindowAttentionScorer(Scorer):
 
     def score(self, obs: Observation, state: torch.Tensor | None = None) -> torch.Tensor:
         start = obs.last_queries(self.window)
-        total = None
-        for _, probs in obs.probability_chunks(start):  # (B, H_kv, g, qc, T)
-            part = probs.sum(dim=3)
-            total = part if total is None else total + part
-        scores = reduce_group(total, self.group)  # (B, H_kv, T)
+        scores = torch.zeros(obs.key_positions.shape, dtype=torch.float32, device=obs.keys.device)
+        for probs in obs.probability_chunks(start):  # (B, H_kv, g, qc, T')
+            scores[..., : probs.shape[-1]] += reduce_group(probs.sum(dim=3), self.group)
         if self.statistic == "mean":
             scores = scores / max(1, obs.query_length - start)
         return pool_scores(scores, self.kernel, self.pooling)

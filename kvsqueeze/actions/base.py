@@ -1,0 +1,38 @@
+"""Actions: what happens to the rows a method does not keep at full fidelity.
+
+An action receives the layer's packed rows, the scores, and the rows chosen to stay, and changes storage:
+
+* evict (this release): free every row not chosen;
+* merge (D2O): fold each evicted row into its most similar kept row before freeing it;
+* quantize (ZipCache, KIVI): re-encode low-score rows into packed low-bit fields instead of freeing them;
+* select (MPCache, Quest): keep every row, and restrict attention to a query-dependent subset instead.
+
+Storage is field-based (:class:`~kvsqueeze.cache.packed.PackedRows`), so the last three add fields (merge
+weights, packed codes and scales, cluster summaries) without changing the cache or the attention hook.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from kvsqueeze.attention.observation import Observation
+from kvsqueeze.cache.packed import PackedRows
+
+
+class Action(ABC):
+    """Base class: subclasses implement :meth:`apply`."""
+
+    name: ClassVar[str] = "action"
+
+    @abstractmethod
+    def apply(
+        self,
+        rows: PackedRows,
+        obs: Observation,
+        scores: torch.Tensor,  # (B, H_kv, T) fp32
+        keep: torch.Tensor,  # (B * H_kv, T) bool: the rows that stay at full fidelity
+    ) -> None:
+        """Change ``rows`` so that the chosen rows stay and the others are handled by this action."""
