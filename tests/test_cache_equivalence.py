@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from conftest import left_padded_batch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache
 
+from kvsqueeze import SqueezeCache
 from kvsqueeze.cache import Budget, SqueezeLayer
 from kvsqueeze.methods import Full, SnapKV
 
@@ -38,3 +41,21 @@ def test_reset_clears_state_between_sequences():
     layer.update(torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4))
     layer.reset()
     assert layer.get_seq_length() == 0 and layer.nbytes() == 0 and layer.prompt_lengths is None
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("method", ["snapkv", "pyramidkv", "h2o", "streaming_llm", "knorm", "random"])
+def test_fork_equals_a_live_run(tiny_models, arch, method):
+    """Prefill once, compress many: a fork of a recorded full cache equals the method run during prefill."""
+    model = tiny_models(arch)
+    ids, mask = left_padded_batch([90, 70], seed=9)
+    params = {"window": 8} if method in ("snapkv", "pyramidkv") else {}
+    source = SqueezeCache(model, "full", record_prefill=True)
+    live = SqueezeCache(model, method, 0.3, **params)
+    with torch.inference_mode():
+        model(ids, attention_mask=mask, cache=source)
+        model(ids, attention_mask=mask, cache=live)
+    forked = source.fork(method, 0.3, **params)
+    assert [layer.kept_positions() for layer in forked.layers] == [layer.kept_positions() for layer in live.layers]
+    assert forked.nbytes() == live.nbytes() and forked.get_seq_length() == live.get_seq_length()
+    assert source.stored_rows()[-1, :, 0].tolist() == [90, 70]  # the source is untouched

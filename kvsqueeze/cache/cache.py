@@ -42,6 +42,8 @@ class SqueezeCache(Cache):
         model: the model (switched to kvsqueeze attention if it is not already) or its config.
         method: a method name (see ``kvsqueeze methods``) or a built :class:`~kvsqueeze.methods.Method`.
         budget: ratio of the prompt in (0, 1] or absolute tokens per KV head per layer (on average).
+        record_prefill: keep the prompt's queries so :meth:`fork` can compress copies of this cache
+            (only meaningful with the ``full`` method).
         **params: hyperparameter overrides for a method given by name.
     """
 
@@ -50,6 +52,8 @@ class SqueezeCache(Cache):
         model: PreTrainedModel | PreTrainedConfig,
         method: str | Method = "full",
         budget: float | int | str | Budget = 1.0,
+        *,
+        record_prefill: bool = False,
         **params: Any,
     ) -> None:
         config = model if isinstance(model, PreTrainedConfig) else model.config
@@ -59,6 +63,7 @@ class SqueezeCache(Cache):
         self.method = get_method(method, **params)
         self.budget = Budget.parse(budget)
         self.config = text
+        self._model_config = config
         components = self.method.components()
         layer_types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
         n = text.num_hidden_layers
@@ -69,10 +74,25 @@ class SqueezeCache(Cache):
                 layer_idx=i,
                 num_layers=n,
                 sliding_window=text.sliding_window if layer_types[i] == "sliding_attention" else None,
+                record_prefill=record_prefill,
             )
             for i in range(n)
         ]
         super().__init__(layers=layers)
+
+    def fork(self, method: str | Method = "full", budget: float | int | str | Budget = 1.0, **params: Any) -> SqueezeCache:
+        """A new cache holding this cache's prompt compressed by ``method`` at ``budget``.
+
+        This cache must be a ``full`` cache built with ``record_prefill=True`` and filled by one prompt
+        forward. The result equals running ``method`` during that prefill (prefill once, compress many);
+        this cache is left untouched.
+        """
+        if self.method.name != "full":
+            raise ValueError(f"fork() needs a full cache as its source, not {self.method.name}")
+        forked = SqueezeCache(self._model_config, method, budget, **params)
+        for source, layer in zip(self.layers, forked.layers, strict=True):
+            layer.adopt_prefill(source)
+        return forked
 
     # ------------------------------------------------------------------ measurement
 

@@ -13,6 +13,7 @@ lets the scorer observe the queries, and compresses on the method's schedule.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -45,6 +46,7 @@ class SqueezeLayer(CacheLayerMixin):
         layer_idx: int,
         num_layers: int,
         sliding_window: int | None = None,
+        record_prefill: bool = False,
     ) -> None:
         # CacheLayerMixin.__init__ would assign self.keys / self.values, which are read-only views here.
         self.is_initialized = False
@@ -54,6 +56,7 @@ class SqueezeLayer(CacheLayerMixin):
         self.num_layers = num_layers
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
+        self.record_prefill = record_prefill
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -66,6 +69,7 @@ class SqueezeLayer(CacheLayerMixin):
         self.layer_budget: torch.Tensor | None = None  # (B,) rows this layer may keep
         self.protected_recent: torch.Tensor | None = None  # (B,) rows always kept at the end
         self.compression_seconds = 0.0
+        self.recorded: Observation | None = None  # the prompt's queries, when recording (see `adopt_prefill`)
         self.is_initialized = False
 
     # ------------------------------------------------------------ transformers layer API
@@ -204,10 +208,44 @@ class SqueezeLayer(CacheLayerMixin):
         window = sliding_window if sliding_window is not None else self.sliding_window
         obs = self._observe(query, query_valid, position_ids, scaling, window, is_prefill)
         output = self._attention_output(module, obs, dropout)
+        if is_prefill and self.record_prefill:
+            self.recorded = obs
+        if window is not None and self._trim_sliding_window(obs, window):
+            obs = self._observe(query, query_valid, position_ids, scaling, window, is_prefill)
         self._compress(obs)
-        if window is not None:
-            self._trim_sliding_window(obs, window)
         return output
+
+    def adopt_prefill(self, source: SqueezeLayer) -> None:
+        """Become what this layer would have been after ``source``'s prompt, with this layer's method.
+
+        ``source`` must be an uncompressed layer that recorded its prompt (``record_prefill=True``). Its
+        rows are copied and this layer's method compresses them, scored with the recorded queries, exactly
+        as if it had run during that prefill: prefill attention is exact, so a prompt's keys, values and
+        queries do not depend on the method. This is how one prefill serves many methods and budgets.
+        """
+        if source.recorded is None:
+            raise ValueError("adopt_prefill needs a source layer that recorded its prefill (record_prefill=True)")
+        rec = source.recorded
+        self.lazy_initialization(rec.keys, rec.values)
+        self.rows = PackedRows(source.rows.num_segments, device=source.rows.lengths.device)
+        self.rows.lengths = source.rows.lengths.clone()
+        self.rows.fields = {name: data.clone() for name, data in source.rows.fields.items()}
+        self.rows._refresh_uniform()
+        if self.components.scorer is not None and self.components.scorer.stateful and "score" not in self.rows.fields:
+            self.rows.fields["score"] = torch.zeros(self.rows.num_rows, dtype=torch.float32, device=self.device)
+        self.seen = source.seen
+        self.prompt_lengths = source.prompt_lengths.clone()
+        b, h = self.batch_size, self.num_kv_heads
+        t = self.rows.max_length
+        obs = dataclasses.replace(
+            rec,
+            keys=self.keys,
+            values=self.values,
+            key_positions=self.rows.padded("positions", fill=-1).view(b, h, t),
+            key_valid=self.rows.valid_mask().view(b, h, t),
+            all_keys_valid=self.rows.is_uniform,
+        )
+        self._compress(obs)
 
     def _observe(
         self,
@@ -298,14 +336,15 @@ class SqueezeLayer(CacheLayerMixin):
         request = LayerRequest(self.layer_idx, self.num_layers, average, self.prompt_lengths, comp.window)
         return comp.allocator.layer_budget(request)
 
-    def _trim_sliding_window(self, obs: Observation, window: int) -> None:
-        """Free rows that no future query of a sliding-window layer can see."""
+    def _trim_sliding_window(self, obs: Observation, window: int) -> bool:
+        """Free rows that no future query of a sliding-window layer can see; True if any was freed."""
         newest = obs.query_positions.max(dim=-1).values  # (B,)
         positions = self.rows.padded("positions", fill=-1).view(obs.batch_size, self.num_kv_heads, -1)
         keep = self.rows.valid_mask().view_as(positions) & (positions > (newest + 1 - window)[:, None, None])
         if bool(keep.sum() == self.rows.num_rows):
-            return
+            return False
         self.rows.keep(keep.view(-1, keep.shape[-1]))
+        return True
 
 
 def _query_validity(
