@@ -93,8 +93,12 @@ def speed_table(model, tokenizer, length: int = 4096, steps: int = 64, rounds: i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--write", action="store_true", help="replace the foundation block in docs/RESULTS.md")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--write", action="store_true", help="replace the foundation block in docs/RESULTS.md"
+    )
     parser.add_argument("--model", default=kvsqueeze.DEFAULT_MODEL)
     args = parser.parse_args()
     model, tokenizer = kvsqueeze.load_model(args.model)

@@ -56,6 +56,8 @@ def test_fork_equals_a_live_run(tiny_models, arch, method):
         model(ids, attention_mask=mask, cache=source)
         model(ids, attention_mask=mask, cache=live)
     forked = source.fork(method, 0.3, **params)
-    assert [layer.kept_positions() for layer in forked.layers] == [layer.kept_positions() for layer in live.layers]
+    assert [layer.kept_positions() for layer in forked.layers] == [
+        layer.kept_positions() for layer in live.layers
+    ]
     assert forked.nbytes() == live.nbytes() and forked.get_seq_length() == live.get_seq_length()
     assert source.stored_rows()[-1, :, 0].tolist() == [90, 70]  # the source is untouched

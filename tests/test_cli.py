@@ -27,7 +27,21 @@ def test_info_reports_kv_bytes_per_token(smollm2, capsys):
 
 
 def test_generate_prints_text_and_the_bytes_line(smollm2, capsys):
-    assert main(["generate", "Name one planet of the solar system.", "--method", "h2o", "--budget", "0.5", "-n", "8"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "Name one planet of the solar system.",
+                "--method",
+                "h2o",
+                "--budget",
+                "0.5",
+                "-n",
+                "8",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert captured.out.strip()
     assert "full vs" in captured.err and "kept" in captured.err and "h2o" in captured.err

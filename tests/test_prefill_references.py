@@ -55,7 +55,9 @@ def run_layer(method, budget, layer_idx=0, num_layers=1, seed=0):
     q = torch.randn(H, L, D, generator=gen) * 2
     k = torch.randn(H_KV, L, D, generator=gen) * 2
     v = torch.randn(H_KV, L, D, generator=gen)
-    layer = SqueezeLayer(method.components(), Budget.parse(budget), layer_idx=layer_idx, num_layers=num_layers)
+    layer = SqueezeLayer(
+        method.components(), Budget.parse(budget), layer_idx=layer_idx, num_layers=num_layers
+    )
     pos = torch.arange(L)[None]
     layer.update(k[None], v[None], kwargs={"position_ids": pos})
     layer.attend(FakeAttention(), q[None], None, D**-0.5, position_ids=pos)
@@ -76,7 +78,9 @@ def test_pyramidkv_budgets_and_selection():
     step = (high - low) // (n - 1)
     for layer_idx in range(n):
         expected_keep = high - layer_idx * step + window
-        q, k, kept = run_layer(PyramidKV(window=window, beta=beta), budget=capacity, layer_idx=layer_idx, num_layers=n)
+        q, k, kept = run_layer(
+            PyramidKV(window=window, beta=beta), budget=capacity, layer_idx=layer_idx, num_layers=n
+        )
         assert [len(h) for h in kept] == [expected_keep] * H_KV
         assert_top_k(kept, snapkv_scores(q, k, window, 7, "max"), window, expected_keep)
 

@@ -80,7 +80,9 @@ class SqueezeCache(Cache):
         ]
         super().__init__(layers=layers)
 
-    def fork(self, method: str | Method = "full", budget: float | int | str | Budget = 1.0, **params: Any) -> SqueezeCache:
+    def fork(
+        self, method: str | Method = "full", budget: float | int | str | Budget = 1.0, **params: Any
+    ) -> SqueezeCache:
         """A new cache holding this cache's prompt compressed by ``method`` at ``budget``.
 
         This cache must be a ``full`` cache built with ``record_prefill=True`` and filled by one prompt

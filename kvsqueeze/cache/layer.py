@@ -87,7 +87,10 @@ class SqueezeLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         b, h, q, d = key_states.shape
-        positions = _positions_from_kwargs(kwargs, b, q, self.seen, key_states.device)  # (B, q)
+        model_kwargs = (
+            kwargs.get("kwargs", kwargs) or {}
+        )  # transformers passes the layer's kwargs as `kwargs=`
+        positions = _positions(model_kwargs.get("position_ids"), b, q, self.seen, key_states.device)  # (B, q)
         new = {
             "keys": key_states.reshape(b * h, q, d),
             "values": value_states.reshape(b * h, q, d),
@@ -224,15 +227,23 @@ class SqueezeLayer(CacheLayerMixin):
         queries do not depend on the method. This is how one prefill serves many methods and budgets.
         """
         if source.recorded is None:
-            raise ValueError("adopt_prefill needs a source layer that recorded its prefill (record_prefill=True)")
+            raise ValueError(
+                "adopt_prefill needs a source layer that recorded its prefill (record_prefill=True)"
+            )
         rec = source.recorded
         self.lazy_initialization(rec.keys, rec.values)
         self.rows = PackedRows(source.rows.num_segments, device=source.rows.lengths.device)
         self.rows.lengths = source.rows.lengths.clone()
         self.rows.fields = {name: data.clone() for name, data in source.rows.fields.items()}
         self.rows._refresh_uniform()
-        if self.components.scorer is not None and self.components.scorer.stateful and "score" not in self.rows.fields:
-            self.rows.fields["score"] = torch.zeros(self.rows.num_rows, dtype=torch.float32, device=self.device)
+        if (
+            self.components.scorer is not None
+            and self.components.scorer.stateful
+            and "score" not in self.rows.fields
+        ):
+            self.rows.fields["score"] = torch.zeros(
+                self.rows.num_rows, dtype=torch.float32, device=self.device
+            )
         self.seen = source.seen
         self.prompt_lengths = source.prompt_lengths.clone()
         b, h = self.batch_size, self.num_kv_heads
@@ -259,9 +270,7 @@ class SqueezeLayer(CacheLayerMixin):
         b, _, q, _ = query.shape
         h = self.num_kv_heads
         t = self.rows.max_length
-        qpos = _positions_from_kwargs(
-            {"kwargs": {"position_ids": position_ids}}, b, q, self.seen - q, query.device
-        )
+        qpos = _positions(position_ids, b, q, self.seen - q, query.device)
         return Observation(
             query=query,
             query_positions=qpos,
@@ -356,11 +365,11 @@ def _query_validity(
     return attention_mask[:, -q:].to(torch.bool)
 
 
-def _positions_from_kwargs(kwargs: dict, b: int, q: int, start: int, device: torch.device) -> torch.Tensor:
+def _positions(
+    position_ids: torch.Tensor | None, b: int, q: int, start: int, device: torch.device
+) -> torch.Tensor:
     """(B, q) absolute positions of this call's tokens: the model's ``position_ids`` when it passes them,
     else ``start + arange(q)``."""
-    inner = kwargs.get("kwargs", kwargs) or {}
-    position_ids = inner.get("position_ids")
     if position_ids is None:
         return (torch.arange(q, device=device) + start).expand(b, q)
     position_ids = position_ids.to(device)

@@ -141,3 +141,75 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"{'vs full':<14}" + "".join(f"{r.memory_ratio:<{width}.1%}" for _, r in runs))
     print(f"{'decode tok/s':<14}" + "".join(f"{r.decode_tokens_per_second:<{width}.1f}" for _, r in runs))
     return 0
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _method_specs(text: str):
+    """``snapkv,h2o:recent_share=0.3,pyramidkv:window=16`` -> MethodSpecs."""
+    from kvsqueeze.bench.runner import MethodSpec
+    from kvsqueeze.cli.main import _param
+
+    specs = []
+    for item in _split(text):
+        name, *params = item.split(":")
+        specs.append(MethodSpec(name.strip(), dict(_param(p) for p in params)))
+    return specs
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from kvsqueeze.bench import TASKS, load_jsonl_dataset
+    from kvsqueeze.bench.report import markdown_table, plot_results
+    from kvsqueeze.bench.runner import BenchConfig, run_bench
+
+    tasks = sorted(TASKS) if args.tasks == "all" else _split(args.tasks)
+    settings = ["query_agnostic", "query_aware"] if args.setting == "both" else [args.setting]
+    try:
+        budgets = [float(b) for b in _split(args.budgets)]
+        lengths = [int(n) for n in _split(args.lengths)]
+    except ValueError:
+        raise ValueError(
+            "--budgets takes ratios like 0.1,0.25 and --lengths token counts like 4096"
+        ) from None
+    samples_for = None
+    if args.dataset:
+        samples, errors = load_jsonl_dataset(args.dataset)
+        for error in errors:
+            print(f"kvsqueeze: skipped {args.dataset}: {error}", file=sys.stderr)
+        tasks, lengths = ["dataset"], [0]
+
+        def samples_for(task: str, length: int):
+            return samples[: args.samples]
+
+    config = BenchConfig(
+        methods=_method_specs(args.methods),
+        budgets=budgets,
+        tasks=tasks,
+        lengths=lengths,
+        num_samples=args.samples,
+        seed=args.seed,
+        haystack=args.haystack,
+        settings=settings,
+        max_new_tokens=args.max_new_tokens,
+        fidelity_tokens=args.fidelity_tokens,
+    )
+    config.validate(None, check_tasks=not args.dataset)  # names and ranges, before the model loads
+    if args.baseline and args.baseline != "kvpress":
+        raise ValueError(f"unknown baseline {args.baseline!r}; the only baseline is kvpress")
+    model, tokenizer = _load(args)
+    out = Path(args.out)
+    records = run_bench(
+        model, tokenizer, config, out, model_name=args.model or "smollm2-135m", samples_for=samples_for
+    )
+    if args.baseline == "kvpress":
+        from kvsqueeze.bench.baseline import run_kvpress_baseline
+
+        records += run_kvpress_baseline(model, tokenizer, config, out, args.model, samples_for=samples_for)
+    tables = [f"## {s}\n\n{markdown_table(records, s)}" for s in settings]
+    (out / "results.md").write_text("# kvsqueeze bench\n\n" + "\n\n".join(tables) + "\n")
+    plots = plot_results(records, out / "plots")
+    print("\n\n".join(tables))
+    print(f"\nwrote {out / 'results.md'}, {len(plots)} plots and {len(records)} run records under {out}")
+    return 0

@@ -77,6 +77,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(info)
     info.set_defaults(run=commands.run_info)
 
+    bench = sub.add_parser("bench", help="benchmark methods x budgets x tasks x lengths (resumable)")
+    _add_model(bench)
+    bench.add_argument(
+        "--methods", default="snapkv,pyramidkv,h2o,streaming_llm,knorm", help="comma list; name:param=v"
+    )
+    bench.add_argument("--budgets", default="0.1,0.25,0.5", help="keep ratios, comma separated")
+    bench.add_argument("--tasks", default="all", help="comma list of tasks, or 'all'")
+    bench.add_argument("--lengths", default="4096", help="context lengths in tokens, comma separated")
+    bench.add_argument("--samples", type=int, default=5, help="samples per task and length")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--haystack", default="pydocs", help="pydocs (natural text), repeat, or essay")
+    bench.add_argument(
+        "--setting", default="query_agnostic", choices=["query_agnostic", "query_aware", "both"]
+    )
+    bench.add_argument("--max-new-tokens", type=int, default=32)
+    bench.add_argument("--fidelity-tokens", type=int, default=64, help="teacher-forced tokens for KL / top-1")
+    bench.add_argument("--dataset", help="JSONL with context, question, answers per line (replaces --tasks)")
+    bench.add_argument(
+        "--baseline", choices=["kvpress"], default=None, help="add kvpress presses side by side"
+    )
+    bench.add_argument("--out", default="bench-out", help="output folder (JSON per run, results.md, plots)")
+    bench.set_defaults(run=commands.run_bench)
+
     demo = sub.add_parser(
         "demo", help="the same prompt with the full cache and a compressed one, side by side"
     )

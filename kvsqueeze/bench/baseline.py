@@ -1,0 +1,165 @@
+"""kvpress side by side: the same model, samples, settings and keep ratios, run by kvpress's own presses.
+
+kvpress 0.5.5 pins transformers < 5.3, so it runs in its own venv (:mod:`kvsqueeze.bench.kvpress_env`),
+driven through JSON. Its rows join the kvsqueeze rows in the same table and plots, with ``source:
+"kvpress"`` and kvpress's version in every record. Fidelity uses the same teacher continuation as the
+kvsqueeze rows (the full cache's greedy continuation, read from the ``full`` run records).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from kvsqueeze.bench.kvpress_env import KVPRESS_PRESSES, run_kvpress
+from kvsqueeze.bench.runner import BenchConfig, _run_path
+from kvsqueeze.bench.scoring import postprocess, score_sample
+from kvsqueeze.bench.tasks import Sample, generate_samples
+
+DEFAULT_PRESSES = tuple(KVPRESS_PRESSES)
+
+
+def model_folder(name: str | None) -> Path:
+    """The HF folder kvpress loads: a packaged alias's dequantized folder, or a local HF folder."""
+    from kvsqueeze.models import DEFAULT_MODEL, find_packaged, models_cache_dir
+
+    packaged = find_packaged(name or DEFAULT_MODEL)
+    if packaged is not None:
+        folder = models_cache_dir() / f"{packaged.alias}-hf"
+        if (folder / "config.json").exists():
+            return folder
+        raise ValueError(
+            f"no HF folder for {packaged.alias} yet: load it once with kvsqueeze.load_model first"
+        )
+    folder = Path(name)
+    if (folder / "config.json").exists():
+        return folder
+    raise ValueError("the kvpress baseline needs a packaged alias or a local HF folder as --model")
+
+
+def run_kvpress_baseline(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    config: BenchConfig,
+    out: Path,
+    model_name: str | None,
+    *,
+    samples_for: Callable[[str, int], list[Sample]] | None = None,
+    presses: tuple[str, ...] = DEFAULT_PRESSES,
+) -> list[dict]:
+    """Run kvpress on every (setting, task, length) of ``config``; cached per group under ``out``."""
+    folder = model_folder(model_name)
+    make_samples = samples_for or (
+        lambda task, length: generate_samples(
+            task,
+            tokenizer,
+            length=length,
+            num_samples=config.num_samples,
+            seed=config.seed,
+            haystack=config.haystack,
+        )
+    )
+    records: list[dict] = []
+    for setting in config.settings:
+        for task in config.tasks:
+            for length in config.lengths:
+                path = out / "kvpress" / setting / task / f"{length}.json"
+                if not path.exists():
+                    result = _run_group(
+                        folder, config, out, setting, task, length, make_samples(task, length), presses
+                    )
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(json.dumps(result, indent=1))
+                records.extend(json.loads(path.read_text())["records"])
+    return records
+
+
+def _run_group(
+    folder: Path,
+    config: BenchConfig,
+    out: Path,
+    setting: str,
+    task: str,
+    length: int,
+    samples: list[Sample],
+    presses: tuple[str, ...],
+) -> dict:
+    teachers = _teacher_ids(out, setting, task, length)
+    requests = [
+        {
+            "id": f"{task}-{length}-{i}",
+            "context": s.context,
+            "question": s.question,
+            "answer_prefix": s.answer_prefix,
+            "max_new_tokens": config.max_new_tokens,
+            "setting": setting,
+            "teacher_ids": teachers.get(f"{task}-{length}-{i}", []),
+        }
+        for i, s in enumerate(samples)
+    ]
+    result = run_kvpress(
+        folder,
+        requests,
+        presses=list(presses),
+        keep_ratios=config.budgets,
+        num_threads=torch.get_num_threads(),
+    )
+    by_id = {r["id"]: s for r, s in zip(requests, samples, strict=True)}
+    full_prefill = {row["id"]: row["prefill_seconds"] for row in result["rows"] if row["press"] == "full"}
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for row in result["rows"]:
+        if row["press"] == "full" or row.get("error"):
+            continue
+        groups.setdefault((row["press"], float(row["keep_ratio"])), []).append(row)
+    records = []
+    for (press, keep), rows in sorted(groups.items()):
+        scores = [
+            score_sample(by_id[r["id"]], postprocess(r["prediction"], by_id[r["id"]].answer_prefix))
+            for r in rows
+        ]
+        records.append(
+            {
+                "source": "kvpress",
+                "kvpress_version": result["kvpress_version"],
+                "transformers_version": result["transformers_version"],
+                "setting": setting,
+                "task": task,
+                "length": length,
+                "method": press,
+                "budget": keep,
+                "num_samples": len(rows),
+                "score": _mean(scores),
+                "kl": _mean(r.get("kl") for r in rows),
+                "top1": _mean(r.get("top1_agreement") for r in rows),
+                "cache_bytes": _mean(r.get("effective_cache_bytes", r["cache_bytes"]) for r in rows),
+                "stored_tensor_bytes": _mean(r["cache_bytes"] for r in rows),
+                "full_cache_bytes": _mean(r["full_cache_bytes"] for r in rows),
+                "decode_tokens_per_second": _mean(
+                    r["new_tokens"] / r["decode_seconds"] for r in rows if r["decode_seconds"]
+                ),
+                "compression_overhead": _mean(r["prefill_seconds"] / full_prefill[r["id"]] - 1 for r in rows),
+                "errors": [],
+            }
+        )
+    errors = [row for row in result["rows"] if row.get("error")]
+    return {
+        "records": records,
+        "errors": errors,
+        "versions": {k: v for k, v in result.items() if k != "rows"},
+    }
+
+
+def _teacher_ids(out: Path, setting: str, task: str, length: int) -> dict[str, list[int]]:
+    path = _run_path(out, setting, task, length, "full", 1.0)
+    if not path.exists():
+        return {}
+    return {s["sample_id"]: s.get("teacher_ids", []) for s in json.loads(path.read_text())["samples"]}
+
+
+def _mean(values) -> float:
+    values = [float(v) for v in values if v is not None and v == v]
+    return sum(values) / len(values) if values else float("nan")

@@ -1,0 +1,134 @@
+"""Benchmark output a person reads: a Markdown table and PNG plots, from the per-run JSON records."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from kvsqueeze.generation import format_bytes
+
+
+def _row_key(record: dict) -> tuple[str, str, float]:
+    return record.get("source", "kvsqueeze"), record["method"], float(record["budget"])
+
+
+def markdown_table(records: list[dict], setting: str) -> str:
+    """One row per (source, method, budget): score per task, average, fidelity, memory, speed, overhead."""
+    records = [r for r in records if r["setting"] == setting]
+    if not records:
+        return f"_no results for {setting}_"
+    tasks = sorted({r["task"] for r in records})
+    lengths = sorted({r["length"] for r in records})
+    rows: dict[tuple[str, str, float], dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        rows[_row_key(record)][record["task"]].append(record)
+    header = [
+        "source",
+        "method",
+        "keep",
+        *tasks,
+        "avg",
+        "KL",
+        "top-1",
+        "bytes / full",
+        "decode tok/s",
+        "overhead",
+    ]
+    lines = [
+        f"Setting `{setting}`, context {', '.join(str(n) for n in lengths)} tokens; scores in %; "
+        "KL and top-1 against the full cache over a teacher-forced continuation; "
+        "overhead = scoring and selection time / prefill time.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + " |",
+    ]
+    for key in sorted(rows, key=lambda k: (k[1] != "full", k[0], k[1], -k[2])):
+        by_task = rows[key]
+        every = [r for rs in by_task.values() for r in rs]
+        scores = [_mean(r["score"] for r in by_task[t]) if t in by_task else float("nan") for t in tasks]
+        cells = [
+            key[0],
+            key[1],
+            f"{key[2]:g}",
+            *[_pct(s) for s in scores],
+            _pct(_mean(scores)),
+            _num(_mean(r["kl"] for r in every), 3),
+            _pct(_mean(r["top1"] for r in every)),
+            _num(_mean(r["cache_bytes"] / max(1, r["full_cache_bytes"]) for r in every), 3),
+            _num(_mean(r["decode_tokens_per_second"] for r in every), 1),
+            _num(_mean(r["compression_overhead"] for r in every), 2),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    full_bytes = _mean(r["full_cache_bytes"] for r in records)
+    lines += ["", f"Full cache: {format_bytes(int(full_bytes))} on average per sample."]
+    return "\n".join(lines)
+
+
+def plot_results(records: list[dict], out: Path) -> list[Path]:
+    """score vs budget per task, stored bytes vs budget, decode tok/s vs context length. Returns the PNGs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for setting in sorted({r["setting"] for r in records}):
+        subset = [r for r in records if r["setting"] == setting]
+        tasks = sorted({r["task"] for r in subset})
+        cols = min(4, len(tasks))
+        rows = (len(tasks) + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+        for ax, task in zip(axes.flat, tasks, strict=False):
+            _lines(ax, [r for r in subset if r["task"] == task], "budget", "score", task)
+            ax.set_xlabel("keep ratio")
+            ax.set_ylabel("score")
+        for ax in list(axes.flat)[len(tasks) :]:
+            ax.axis("off")
+        fig.tight_layout()
+        written.append(_save(fig, out / f"score_vs_budget_{setting}.png"))
+
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for r in subset:
+            r["bytes_ratio"] = r["cache_bytes"] / max(1, r["full_cache_bytes"])
+        _lines(ax, subset, "budget", "bytes_ratio", "stored cache bytes / full")
+        ax.set_xlabel("keep ratio")
+        written.append(_save(fig, out / f"bytes_vs_budget_{setting}.png"))
+
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        _lines(ax, subset, "length", "decode_tokens_per_second", "decode tokens/s")
+        ax.set_xlabel("context tokens")
+        written.append(_save(fig, out / f"decode_speed_vs_length_{setting}.png"))
+    plt.close("all")
+    return written
+
+
+def _lines(ax, records: list[dict], x: str, y: str, title: str) -> None:
+    series: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        label = r["method"] if r.get("source", "kvsqueeze") == "kvsqueeze" else f"kvpress:{r['method']}"
+        series[label][float(r[x])].append(float(r[y]))
+    for label in sorted(series):
+        points = sorted((k, _mean(v)) for k, v in series[label].items())
+        style = "--" if label.startswith("kvpress:") else "-"
+        ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=label, markersize=3)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _mean(values) -> float:
+    values = [float(v) for v in values if v == v]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _pct(value: float) -> str:
+    return "–" if value != value else f"{100 * value:.0f}"
+
+
+def _num(value: float, digits: int) -> str:
+    return "–" if value != value else f"{value:.{digits}f}"

@@ -1,0 +1,342 @@
+"""The offline benchmark: methods x budgets x tasks x context lengths on one model.
+
+For every sample the context is prefilled **once** into a recording full cache; every method and budget is
+then a :meth:`~kvsqueeze.cache.SqueezeCache.fork` of it (prefill once, compress many). Each (method,
+budget) gets:
+
+* the answer, decoded greedily from its own cache, scored against the sample's answers;
+* fidelity that needs no answers: mean KL(full || compressed) and top-1 agreement of the next-token
+  distributions over a teacher-forced continuation (the full cache's own greedy continuation);
+* stored cache bytes (from the tensors), decode tokens/s, and the compression overhead (time spent scoring
+  and selecting, as a share of the shared prefill).
+
+Results go to ``<out>/runs/<setting>/<task>/<length>/<method>@<budget>.json``; a run whose JSON exists is
+skipped, so an interrupted benchmark resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from kvsqueeze.bench.prompts import SETTINGS, EncodedSample, encode_sample
+from kvsqueeze.bench.scoring import postprocess, score_sample
+from kvsqueeze.bench.tasks import Sample, generate_samples, get_task
+from kvsqueeze.cache import Budget, SqueezeCache
+from kvsqueeze.methods import Schedule, get_method
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One row family of the table: a method name, its hyperparameters, and the label it is shown as."""
+
+    name: str
+    params: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        extra = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+        return f"{self.name}({extra})" if extra else self.name
+
+
+@dataclass
+class BenchConfig:
+    """What to run. ``budgets`` are keep ratios in (0, 1]."""
+
+    methods: list[MethodSpec]
+    budgets: list[float]
+    tasks: list[str]
+    lengths: list[int]
+    num_samples: int = 5
+    seed: int = 0
+    haystack: str = "pydocs"
+    settings: list[str] = field(default_factory=lambda: ["query_agnostic"])
+    max_new_tokens: int = 32
+    fidelity_tokens: int = 64
+
+    def validate(self, max_positions: int | None, check_tasks: bool = True) -> None:
+        """One-line ``ValueError`` for anything unknown or out of range, before any model work."""
+        for task in self.tasks if check_tasks else ():
+            get_task(task)
+        for spec in self.methods:
+            get_method(spec.name, **spec.params)
+        for budget in self.budgets:
+            Budget.parse(float(budget))
+        for setting in self.settings:
+            if setting not in SETTINGS:
+                raise ValueError(f"unknown setting {setting!r}; choose one of: {', '.join(SETTINGS)}")
+        if max_positions is not None:
+            too_long = [
+                n for n in self.lengths if n + self.max_new_tokens + self.fidelity_tokens > max_positions
+            ]
+            if too_long:
+                raise ValueError(f"length {too_long[0]} exceeds the model's {max_positions} positions")
+
+
+@dataclass
+class SampleOutcome:
+    """One sample under one (method, budget)."""
+
+    sample_id: str
+    prediction: str
+    score: float
+    kl: float
+    top1: float
+    cache_bytes: int
+    full_cache_bytes: int
+    decode_tokens_per_second: float
+    compression_seconds: float
+    prefill_seconds: float
+    teacher_ids: list[int] = field(default_factory=list)  # the full cache's continuation (full rows only)
+
+
+def _greedy(
+    model: PreTrainedModel, cache: SqueezeCache, followup: torch.Tensor, steps: int, eos: set[int]
+) -> tuple[list[int], float]:
+    """Feed ``followup`` then decode greedily; returns the new token ids and the decode tokens/s."""
+    out = model(followup, cache=cache)
+    token = out.logits[:, -1:].argmax(-1)
+    tokens = [int(token)]
+    start = time.perf_counter()
+    for _ in range(steps - 1):
+        if tokens[-1] in eos:
+            break
+        token = model(token, cache=cache).logits[:, -1:].argmax(-1)
+        tokens.append(int(token))
+    elapsed = time.perf_counter() - start
+    rate = (len(tokens) - 1) / elapsed if len(tokens) > 1 and elapsed > 0 else float("nan")
+    return tokens, rate
+
+
+def _teacher_logprobs(
+    model: PreTrainedModel, cache: SqueezeCache, followup: torch.Tensor, teacher: list[int], stepwise: bool
+) -> torch.Tensor:
+    """Next-token log-probabilities over the teacher continuation, (len(teacher), V) fp32.
+
+    Prefill-only methods take the teacher tokens in one chunk (their cache does not change while decoding,
+    so this equals decoding them one by one); per-step methods (H2O) decode token by token, evicting as
+    they go.
+    """
+    if not teacher:
+        return torch.empty(0)
+    teacher_ids = torch.tensor([teacher[:-1]], dtype=torch.long)
+    if not stepwise:
+        logits = model(torch.cat([followup, teacher_ids], dim=1), cache=cache).logits[
+            0, followup.shape[1] - 1 :
+        ]
+        return torch.log_softmax(logits.float(), dim=-1)
+    rows = [model(followup, cache=cache).logits[0, -1]]
+    for token in teacher[:-1]:
+        rows.append(model(torch.tensor([[token]]), cache=cache).logits[0, -1])
+    return torch.log_softmax(torch.stack(rows).float(), dim=-1)
+
+
+def fidelity(full_logprobs: torch.Tensor, logprobs: torch.Tensor) -> tuple[float, float]:
+    """Mean KL(full || compressed) and top-1 agreement over aligned next-token log-probabilities (T, V)."""
+    if full_logprobs.numel() == 0:
+        return float("nan"), float("nan")
+    kl = (full_logprobs.exp() * (full_logprobs - logprobs)).sum(-1).clamp(min=0)
+    agree = (full_logprobs.argmax(-1) == logprobs.argmax(-1)).float()
+    return float(kl.mean()), float(agree.mean())
+
+
+@torch.inference_mode()
+def run_sample(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    sample: Sample,
+    encoded: EncodedSample,
+    runs: list[tuple[MethodSpec, float]],
+    max_new_tokens: int,
+    fidelity_tokens: int,
+    sample_id: str,
+) -> dict[tuple[str, float], SampleOutcome]:
+    """Every (method, budget) of ``runs`` on one sample, from one shared prefill."""
+    eos = {
+        t
+        for t in [tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)]
+        if t is not None
+    }
+    eos = {int(x) for t in eos for x in (t if isinstance(t, list) else [t])}
+    source = SqueezeCache(model, "full", record_prefill=True)
+    start = time.perf_counter()
+    model(encoded.compressed_ids, cache=source)
+    prefill = time.perf_counter() - start
+
+    # The full cache's own greedy continuation is the teacher for everyone's fidelity.
+    teacher, _ = _greedy(model, source.fork("full"), encoded.followup_ids, fidelity_tokens, set())
+    reference = _teacher_logprobs(model, source.fork("full"), encoded.followup_ids, teacher, stepwise=False)
+    results: dict[tuple[str, float], SampleOutcome] = {}
+    for spec, budget in runs:
+        method = get_method(spec.name, **spec.params)
+        began = time.perf_counter()
+        cache = source.fork(method, budget)
+        compression = time.perf_counter() - began
+        answer_cache = source.fork(method, budget)
+        tokens, rate = _greedy(model, answer_cache, encoded.followup_ids, max_new_tokens, eos)
+        prediction = postprocess(tokenizer.decode(tokens, skip_special_tokens=True), sample.answer_prefix)
+        stepwise = method.components().schedule is Schedule.EVERY_STEP
+        kl, top1 = fidelity(
+            reference, _teacher_logprobs(model, cache, encoded.followup_ids, teacher, stepwise)
+        )
+        results[(spec.label, budget)] = SampleOutcome(
+            sample_id=sample_id,
+            prediction=prediction,
+            score=score_sample(sample, prediction),
+            kl=kl,
+            top1=top1,
+            cache_bytes=max(cache.nbytes(), answer_cache.nbytes()),
+            full_cache_bytes=answer_cache.full_nbytes(),
+            decode_tokens_per_second=rate,
+            compression_seconds=compression,
+            prefill_seconds=prefill,
+            teacher_ids=teacher if spec.name == "full" else [],
+        )
+    return results
+
+
+def _run_path(out: Path, setting: str, task: str, length: int, label: str, budget: float) -> Path:
+    return out / "runs" / setting / task / str(length) / f"{label}@{budget:g}.json"
+
+
+def iterate_runs(config: BenchConfig) -> list[tuple[MethodSpec, float]]:
+    """All (method, budget) pairs; ``full`` runs once, at budget 1."""
+    runs: list[tuple[MethodSpec, float]] = []
+    for spec in config.methods:
+        budgets = [1.0] if spec.name == "full" else config.budgets
+        runs.extend((spec, float(b)) for b in budgets)
+    if not any(spec.name == "full" for spec, _ in runs):
+        runs.insert(0, (MethodSpec("full"), 1.0))
+    return runs
+
+
+def run_bench(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    config: BenchConfig,
+    out: Path,
+    *,
+    model_name: str = "",
+    samples_for: Callable[[str, int], list[Sample]] | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Run (or resume) the benchmark; returns one summary record per (setting, task, length, method, budget)."""
+    from tqdm.auto import tqdm
+
+    text_config = model.config.get_text_config(decoder=True)
+    config.validate(getattr(text_config, "max_position_embeddings", None), check_tasks=samples_for is None)
+    runs = iterate_runs(config)
+    make_samples = samples_for or (
+        lambda task, length: generate_samples(
+            task,
+            tokenizer,
+            length=length,
+            num_samples=config.num_samples,
+            seed=config.seed,
+            haystack=config.haystack,
+        )
+    )
+    groups = [(s, t, n) for s in config.settings for t in config.tasks for n in config.lengths]
+    records: list[dict] = []
+    bar = tqdm(total=len(groups) * config.num_samples, disable=not progress, desc="bench", unit="sample")
+    for setting, task, length in groups:
+        todo = [
+            (spec, b) for spec, b in runs if not _run_path(out, setting, task, length, spec.label, b).exists()
+        ]
+        if not todo:
+            bar.update(config.num_samples)
+            records.extend(_load_records(out, setting, task, length, runs))
+            continue
+        if not any(spec.name == "full" for spec, _ in todo):
+            todo.insert(0, (MethodSpec("full"), 1.0))
+        per_run: dict[tuple[str, float], list[SampleOutcome]] = {(spec.label, b): [] for spec, b in todo}
+        samples = make_samples(task, length)
+        for index, sample in enumerate(samples):
+            encoded = encode_sample(tokenizer, sample, setting)
+            outcomes = run_sample(
+                model,
+                tokenizer,
+                sample,
+                encoded,
+                todo,
+                config.max_new_tokens,
+                config.fidelity_tokens,
+                f"{task}-{length}-{index}",
+            )
+            for key, value in outcomes.items():
+                per_run[key].append(value)
+            bar.update(1)
+        bar.update(max(0, config.num_samples - len(samples)))
+        for spec, budget in todo:
+            record = _summarize(
+                per_run[(spec.label, budget)], setting, task, length, spec, budget, model_name, config
+            )
+            path = _run_path(out, setting, task, length, spec.label, budget)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(record, indent=1))
+        records.extend(_load_records(out, setting, task, length, runs))
+    bar.close()
+    return records
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = [v for v in values if v == v]  # drop NaN
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _summarize(
+    outcomes: list[SampleOutcome],
+    setting: str,
+    task: str,
+    length: int,
+    spec: MethodSpec,
+    budget: float,
+    model_name: str,
+    config: BenchConfig,
+) -> dict:
+    import kvsqueeze
+
+    prefill = _mean(o.prefill_seconds for o in outcomes)
+    return {
+        "source": "kvsqueeze",
+        "version": kvsqueeze.__version__,
+        "model": model_name,
+        "setting": setting,
+        "task": task,
+        "length": length,
+        "method": spec.label,
+        "budget": budget,
+        "seed": config.seed,
+        "haystack": config.haystack,
+        "num_samples": len(outcomes),
+        "score": _mean(o.score for o in outcomes),
+        "kl": _mean(o.kl for o in outcomes),
+        "top1": _mean(o.top1 for o in outcomes),
+        "cache_bytes": _mean(o.cache_bytes for o in outcomes),
+        "full_cache_bytes": _mean(o.full_cache_bytes for o in outcomes),
+        "decode_tokens_per_second": _mean(o.decode_tokens_per_second for o in outcomes),
+        "prefill_tokens_per_second": length / prefill if prefill > 0 else float("nan"),
+        "compression_overhead": _mean(o.compression_seconds for o in outcomes) / prefill
+        if prefill > 0
+        else 0.0,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "samples": [asdict(o) for o in outcomes],
+    }
+
+
+def _load_records(
+    out: Path, setting: str, task: str, length: int, runs: list[tuple[MethodSpec, float]]
+) -> list[dict]:
+    records = []
+    for spec, budget in runs:
+        path = _run_path(out, setting, task, length, spec.label, budget)
+        if path.exists():
+            records.append(json.loads(path.read_text()))
+    return records

@@ -1,0 +1,125 @@
+"""A tiny end-to-end benchmark: tiny random model, real tokenizer, every output written, resumable."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kvsqueeze.bench import Sample
+from kvsqueeze.bench.prompts import encode_sample
+from kvsqueeze.bench.report import markdown_table, plot_results
+from kvsqueeze.bench.runner import BenchConfig, MethodSpec, fidelity, run_bench
+from kvsqueeze.models.tiny import tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(smollm2):
+    _, tokenizer = smollm2
+    model = tiny_model("llama", num_hidden_layers=2, vocab_size=len(tokenizer), seed=0)
+    return model, tokenizer
+
+
+def config(**overrides) -> BenchConfig:
+    fields = dict(
+        methods=[MethodSpec("snapkv", {"window": 8}), MethodSpec("h2o")],
+        budgets=[0.25, 0.5],
+        tasks=["niah_single_number", "kv_retrieval"],
+        lengths=[300],
+        num_samples=2,
+        settings=["query_agnostic", "query_aware"],
+        max_new_tokens=6,
+        fidelity_tokens=8,
+    )
+    fields.update(overrides)
+    return BenchConfig(**fields)
+
+
+def test_end_to_end_writes_json_table_and_plots(model_and_tokenizer, tmp_path):
+    model, tokenizer = model_and_tokenizer
+    records = run_bench(model, tokenizer, config(), tmp_path, model_name="tiny", progress=False)
+    # 2 settings x 2 tasks x 1 length x (full + 2 methods x 2 budgets)
+    assert len(records) == 2 * 2 * 5
+    files = list((tmp_path / "runs").rglob("*.json"))
+    assert len(files) == 20
+    record = json.loads(files[0].read_text())
+    assert {"score", "kl", "top1", "cache_bytes", "decode_tokens_per_second", "compression_overhead"} <= set(
+        record
+    )
+    full = [r for r in records if r["method"] == "full"]
+    assert all(r["kl"] < 1e-4 and r["top1"] == 1.0 for r in full)
+    squeezed = [r for r in records if r["method"] != "full"]
+    assert all(r["cache_bytes"] < r["full_cache_bytes"] for r in squeezed)
+    table = markdown_table(records, "query_agnostic")
+    assert "snapkv(window=8)" in table and "h2o" in table
+    plots = plot_results(records, tmp_path / "plots")
+    assert len(plots) == 6 and all(p.stat().st_size > 0 for p in plots)
+
+
+def test_deterministic_and_resumable(model_and_tokenizer, tmp_path):
+    model, tokenizer = model_and_tokenizer
+    cfg = config(settings=["query_agnostic"], tasks=["niah_single_number"], budgets=[0.25])
+    first = run_bench(model, tokenizer, cfg, tmp_path / "a", progress=False)
+    second = run_bench(model, tokenizer, cfg, tmp_path / "b", progress=False)
+    strip = lambda rs: sorted((r["method"], r["budget"], r["score"], r["kl"], r["cache_bytes"]) for r in rs)  # noqa: E731
+    assert strip(first) == strip(second)
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "a").rglob("*.json")}
+    again = run_bench(model, tokenizer, cfg, tmp_path / "a", progress=False)  # resumes: nothing recomputed
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "a").rglob("*.json")} == before
+    assert strip(again) == strip(first)
+
+
+def test_plain_full_run_equals_the_full_method(model_and_tokenizer):
+    """Sanity: a stock DynamicCache greedy answer equals the bench's `full` prediction path."""
+    from transformers import DynamicCache
+
+    from kvsqueeze import SqueezeCache
+    from kvsqueeze.bench.runner import _greedy
+
+    model, tokenizer = model_and_tokenizer
+    sample = Sample("t", "alpha beta gamma " * 40, "What comes after beta?", ["gamma"])
+    enc = encode_sample(tokenizer, sample)
+    ids = torch.cat([enc.compressed_ids, enc.followup_ids], dim=1)
+    with torch.inference_mode():
+        stock = model.generate(
+            ids, max_new_tokens=5, do_sample=False, cache=DynamicCache(config=model.config)
+        )
+        source = SqueezeCache(model, "full", record_prefill=True)
+        model(enc.compressed_ids, cache=source)
+        ours, _ = _greedy(model, source.fork("full"), enc.followup_ids, 5, set())
+    assert stock[0, ids.shape[1] :].tolist() == ours
+
+
+def test_fidelity_of_identical_distributions():
+    logp = torch.log_softmax(torch.randn(5, 11), -1)
+    assert fidelity(logp, logp) == (0.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        ({"tasks": ["nope"]}, "unknown task"),
+        ({"methods": [MethodSpec("nope")]}, "unknown method"),
+        ({"budgets": [1.5]}, "budget"),
+        ({"settings": ["sideways"]}, "setting"),
+    ],
+)
+def test_bad_config(overrides, needle):
+    with pytest.raises(ValueError, match=needle):
+        config(**overrides).validate(4096)
+
+
+def test_length_beyond_the_model():
+    with pytest.raises(ValueError, match="exceeds"):
+        config(lengths=[5000]).validate(4096)
+
+
+def test_query_settings_split_where_the_question_starts(smollm2):
+    _, tokenizer = smollm2
+    sample = Sample("t", "The key is 42. " * 20, "What is the key?", ["42"], answer_prefix="The key is")
+    agnostic = encode_sample(tokenizer, sample, "query_agnostic")
+    aware = encode_sample(tokenizer, sample, "query_aware")
+    assert "What is the key?" in tokenizer.decode(agnostic.followup_ids[0])
+    assert "What is the key?" in tokenizer.decode(aware.compressed_ids[0])
+    assert tokenizer.decode(aware.followup_ids[0]).rstrip().endswith("The key is")

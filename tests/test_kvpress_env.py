@@ -1,0 +1,292 @@
+"""The kvpress bridge: ratio mapping, press table, request/result schema and the standalone worker.
+
+The fast tests never build the kvpress venv; the worker's helpers run here with torch and a tiny model.
+The slow test builds (or reuses) the venv and runs two presses on a tiny llama.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from kvsqueeze.bench.kvpress_env import (
+    KVPRESS_PRESSES,
+    ROW_FIELDS,
+    WORKER,
+    build_job,
+    check_result,
+    compression_ratio_for,
+)
+
+REQUIRED_PRESSES = (
+    "snapkv",
+    "streaming_llm",
+    "expected_attention",
+    "knorm",
+    "tova",
+    "observed_attention",
+    "pyramidkv",
+    "adakv_snapkv",
+    "kvzip",
+)
+
+
+def _request(**overrides) -> dict:
+    request = {
+        "id": "r0",
+        "context": "The sky is green. " * 20,
+        "question": "What colour is the sky?",
+        "answer_prefix": "The sky is",
+        "max_new_tokens": 4,
+        "setting": "query_agnostic",
+    }
+    request.update(overrides)
+    return request
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    (tmp_path / "config.json").write_text("{}")
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def worker() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("kvpress_worker_under_test", WORKER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- ratios and the press table ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("keep", [0.1, 0.2, 0.25, 0.3, 0.5, 0.7, 0.9, 1.0])
+def test_keep_ratio_maps_to_removed_fraction(keep):
+    ratio = compression_ratio_for(keep)
+    assert ratio == pytest.approx(1 - keep, abs=1e-12)
+    assert 0 <= ratio < 1
+    for n in (64, 100, 1000, 1031, 4096):  # kvpress keeps int(n * (1 - ratio)) entries
+        assert int(n * (1 - ratio)) == int(n * keep)
+
+
+def test_exact_keep_ratios_map_exactly():
+    assert compression_ratio_for(0.25) == 0.75
+    assert compression_ratio_for(0.5) == 0.5
+    assert compression_ratio_for(1) == 0.0
+
+
+@pytest.mark.parametrize("keep", [0, -0.1, 1.5, True, "0.5", None])
+def test_bad_keep_ratio_is_rejected(keep):
+    with pytest.raises(ValueError, match="keep ratio"):
+        compression_ratio_for(keep)
+
+
+def test_press_table_is_complete():
+    assert set(REQUIRED_PRESSES) <= set(KVPRESS_PRESSES)
+    for recipe in KVPRESS_PRESSES.values():
+        data = recipe.to_json()
+        assert json.loads(json.dumps(data)) == data
+        assert data["cls"].endswith("Press")
+
+
+def test_press_table_special_cases():
+    assert KVPRESS_PRESSES["observed_attention"].attn_implementation == "eager"
+    adakv = KVPRESS_PRESSES["adakv_snapkv"]
+    assert adakv.cls == "AdaKVPress" and adakv.inner is not None and adakv.inner.cls == "SnapKVPress"
+    assert adakv.masks and KVPRESS_PRESSES["kvzip"].masks
+    assert not KVPRESS_PRESSES["snapkv"].masks
+
+
+# --- request schema ---------------------------------------------------------------------------------
+
+
+def test_build_job(model_dir):
+    job = build_job(model_dir, [_request(teacher_ids=[1, 2])], ["snapkv", "adakv_snapkv"], [0.25, 0.5])
+    assert json.loads(json.dumps(job)) == job
+    assert job["model_dir"] == str(model_dir.resolve())
+    assert list(job["presses"]) == ["snapkv", "adakv_snapkv"]
+    assert job["presses"]["adakv_snapkv"]["inner"]["cls"] == "SnapKVPress"
+    assert job["ratios"] == [
+        {"keep": 0.25, "compression_ratio": 0.75},
+        {"keep": 0.5, "compression_ratio": 0.5},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"id": 3}, "'id' must be str"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": True}, "max_new_tokens"),
+        ({"setting": "sideways"}, "setting"),
+        ({"teacher_ids": [1, "2"]}, "teacher_ids"),
+        ({"question": None}, "'question' must be str"),
+    ],
+)
+def test_bad_requests_are_rejected(model_dir, change, match):
+    with pytest.raises(ValueError, match=match):
+        build_job(model_dir, [_request(**change)], ["knorm"], [0.5])
+
+
+def test_bad_jobs_are_rejected(model_dir, tmp_path):
+    with pytest.raises(ValueError, match="unknown kvpress press 'h2o'"):
+        build_job(model_dir, [_request()], ["h2o"], [0.5])
+    with pytest.raises(ValueError, match="appears twice"):
+        build_job(model_dir, [_request(), _request()], ["knorm"], [0.5])
+    with pytest.raises(ValueError, match="keep_ratios"):
+        build_job(model_dir, [_request()], ["knorm"], [])
+    with pytest.raises(ValueError, match="no config.json"):
+        build_job(tmp_path / "nowhere", [_request()], ["knorm"], [0.5])
+
+
+# --- result schema ----------------------------------------------------------------------------------
+
+
+def _row(press: str, keep: float) -> dict:
+    row = dict.fromkeys(ROW_FIELDS, 0)
+    row.update(id="r0", press=press, keep_ratio=keep, prediction="x", kl=None, top1_agreement=None)
+    return row
+
+
+def test_check_result(model_dir):
+    job = build_job(model_dir, [_request()], ["knorm", "tova"], [0.5])
+    rows = [
+        _row("full", 1.0),
+        _row("knorm", 0.5),
+        {"id": "r0", "press": "tova", "keep_ratio": 0.5, "error": "x"},
+    ]
+    result = {"kvpress_version": "0.5.5", "transformers_version": "5.2.0", "torch_version": "2.13.0"}
+    check_result({**result, "rows": rows}, job)
+    with pytest.raises(ValueError, match="returned 2 rows, expected 3"):
+        check_result({**result, "rows": rows[:2]}, job)
+    incomplete = {k: v for k, v in rows[1].items() if k != "cache_bytes"}
+    with pytest.raises(ValueError, match="lacks cache_bytes"):
+        check_result({**result, "rows": [rows[0], incomplete, rows[2]]}, job)
+    with pytest.raises(ValueError, match="no 'rows'"):
+        check_result(result, job)
+
+
+# --- the worker -------------------------------------------------------------------------------------
+
+
+def test_worker_imports_no_kvsqueeze():
+    """The worker runs under transformers 5.2: stdlib, torch, transformers and kvpress only."""
+    allowed = set(sys.stdlib_module_names) | {"torch", "transformers", "kvpress", "__future__"}
+    tree = ast.parse(WORKER.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""]
+        else:
+            continue
+        for name in names:
+            assert name.split(".")[0] in allowed, f"the worker imports {name}"
+
+
+class _ByteTokenizer:
+    """Bytes as token ids; enough of a tokenizer for the worker, with or without a chat template."""
+
+    bos_token = "^"
+
+    def __init__(self, chat: bool) -> None:
+        self.chat_template = "fake" if chat else None
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        return f"<user>{messages[0]['content']}</user><bot>"
+
+    def encode(self, text, return_tensors=None, add_special_tokens=False):
+        return torch.tensor([list(text.encode())], dtype=torch.long) % 500 + 3
+
+    def decode(self, tokens, skip_special_tokens=True):
+        return "".join(chr(int(t) % 95 + 32) for t in tokens)
+
+
+def test_prompt_split_mirrors_kvpress(worker):
+    context, question = worker.split_prompt(_ByteTokenizer(chat=True), "CTX", "\n\nQ?", "A:")
+    assert (context, question) == ("<user>CTX", "\n\nQ?</user><bot>A:")
+    context, question = worker.split_prompt(_ByteTokenizer(chat=False), "CTX", "\n\nQ?", "A:")
+    assert (context, question) == ("^CTX", "\n\nQ?\nA:")
+
+
+def test_query_aware_moves_the_question_into_the_context(worker):
+    tok = _ByteTokenizer(chat=True)
+    agnostic = worker.encode_request(tok, _request(), "\n\n")
+    aware = worker.encode_request(tok, _request(setting="query_aware"), "\n\n")
+    assert agnostic[0].shape[1] + agnostic[1].shape[1] == aware[0].shape[1] + aware[1].shape[1]
+    assert aware[1].shape[1] == len("</user><bot>The sky is")
+
+
+def test_fidelity(worker):
+    full = torch.log_softmax(torch.randn(5, 11), -1)
+    assert worker.fidelity(full, full) == pytest.approx((0.0, 1.0), abs=1e-6)
+    flipped = torch.log_softmax(-full, -1)
+    kl, agree = worker.fidelity(full, flipped)
+    assert kl > 0 and agree == 0.0
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # our transformers renames past_key_values
+def test_worker_full_row_and_failing_press(worker, tiny_models):
+    """Without kvpress installed here, a press fails: it becomes an error row, the full row survives."""
+    model = tiny_models("llama")
+    run = worker.Run(model, _ByteTokenizer(chat=True))
+    job = {
+        "presses": {"bogus": {"cls": "NoSuchPress", "kwargs": {}, "inner": None}},
+        "ratios": [{"keep": 0.5, "compression_ratio": 0.5}],
+        "separator": "\n\n",
+    }
+    rows = worker.run_request(run, _request(teacher_ids=[5, 6, 7]), job)
+    full, bogus = rows
+    assert full["press"] == "full" and "error" not in full
+    assert set(ROW_FIELDS) <= set(full)
+    assert full["cache_bytes"] == full["full_cache_bytes"] > 0
+    assert (full["kl"], full["top1_agreement"]) == (0.0, 1.0)
+    assert 1 <= full["new_tokens"] <= 4
+    assert bogus["press"] == "bogus" and bogus["error"] and "\n" not in bogus["error"]
+    assert model.config._attn_implementation == tiny_models("llama").config._attn_implementation
+
+
+# --- end to end (builds the kvpress venv: minutes the first time) -----------------------------------
+
+
+@pytest.mark.slow
+def test_kvpress_runs_two_presses_on_a_tiny_llama(tmp_path, smollm2):
+    from kvsqueeze.bench.kvpress_env import ensure_kvpress_env, run_kvpress
+    from kvsqueeze.models import tiny_model
+
+    _, tokenizer = smollm2
+    model = tiny_model("llama", vocab_size=len(tokenizer), num_hidden_layers=2)
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    python = ensure_kvpress_env(progress=False)
+    teacher = tokenizer.encode(" green.", add_special_tokens=False)
+    requests = [
+        _request(id="a", context="The sky is green today. " * 30, teacher_ids=teacher),
+        _request(id="b", context="The sea is red today. " * 30, setting="query_aware"),
+    ]
+    result = run_kvpress(
+        tmp_path / "tiny",
+        requests,
+        presses=["snapkv", "knorm"],
+        keep_ratios=[0.5],
+        python=python,
+        timeout=600,
+    )
+    assert result["kvpress_version"] == "0.5.5" and result["transformers_version"] == "5.2.0"
+    rows = result["rows"]
+    assert len(rows) == 2 * (1 + 2)
+    assert not [r for r in rows if "error" in r]
+    for row in rows:
+        if row["press"] != "full":
+            assert row["cache_bytes"] == pytest.approx(row["full_cache_bytes"] / 2, rel=0.02)
+    fidelity = [r for r in rows if r["id"] == "a" and r["press"] != "full"]
+    assert all(r["kl"] >= 0 and 0 <= r["top1_agreement"] <= 1 for r in fidelity)
+    assert all(r["kl"] is None for r in rows if r["id"] == "b")
