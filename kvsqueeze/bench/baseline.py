@@ -16,9 +16,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kvsqueeze.bench.kvpress_env import KVPRESS_PRESSES, run_kvpress
-from kvsqueeze.bench.runner import BenchConfig, _run_path
+from kvsqueeze.bench.runner import BenchConfig, _run_path, generated_samples
 from kvsqueeze.bench.scoring import postprocess, score_sample
-from kvsqueeze.bench.tasks import Sample, generate_samples
+from kvsqueeze.bench.tasks import Sample
 
 DEFAULT_PRESSES = tuple(KVPRESS_PRESSES)
 
@@ -53,16 +53,7 @@ def run_kvpress_baseline(
 ) -> list[dict]:
     """Run kvpress on every (setting, task, length) of ``config``; cached per group under ``out``."""
     folder = model_folder(model_name)
-    make_samples = samples_for or (
-        lambda task, length: generate_samples(
-            task,
-            tokenizer,
-            length=length,
-            num_samples=config.num_samples,
-            seed=config.seed,
-            haystack=config.haystack,
-        )
-    )
+    make_samples = samples_for or generated_samples(config, tokenizer)
     records: list[dict] = []
     for setting in config.settings:
         for task in config.tasks:

@@ -217,6 +217,24 @@ def iterate_runs(config: BenchConfig) -> list[tuple[MethodSpec, float]]:
     return runs
 
 
+def generated_samples(
+    config: BenchConfig, tokenizer: PreTrainedTokenizerBase
+) -> Callable[[str, int], list[Sample]]:
+    """The samples of a (task, length) group: generated from the config's seed, so every caller sees the same."""
+
+    def make(task: str, length: int) -> list[Sample]:
+        return generate_samples(
+            task,
+            tokenizer,
+            length=length,
+            num_samples=config.num_samples,
+            seed=config.seed,
+            haystack=config.haystack,
+        )
+
+    return make
+
+
 def run_bench(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -233,16 +251,7 @@ def run_bench(
     text_config = model.config.get_text_config(decoder=True)
     config.validate(getattr(text_config, "max_position_embeddings", None), check_tasks=samples_for is None)
     runs = iterate_runs(config)
-    make_samples = samples_for or (
-        lambda task, length: generate_samples(
-            task,
-            tokenizer,
-            length=length,
-            num_samples=config.num_samples,
-            seed=config.seed,
-            haystack=config.haystack,
-        )
-    )
+    make_samples = samples_for or generated_samples(config, tokenizer)
     groups = [(s, t, n) for s in config.settings for t in config.tasks for n in config.lengths]
     records: list[dict] = []
     bar = tqdm(total=len(groups) * config.num_samples, disable=not progress, desc="bench", unit="sample")

@@ -232,18 +232,9 @@ class SqueezeLayer(CacheLayerMixin):
             )
         rec = source.recorded
         self.lazy_initialization(rec.keys, rec.values)
-        self.rows = PackedRows(source.rows.num_segments, device=source.rows.lengths.device)
-        self.rows.lengths = source.rows.lengths.clone()
-        self.rows.fields = {name: data.clone() for name, data in source.rows.fields.items()}
-        self.rows._refresh_uniform()
-        if (
-            self.components.scorer is not None
-            and self.components.scorer.stateful
-            and "score" not in self.rows.fields
-        ):
-            self.rows.fields["score"] = torch.zeros(
-                self.rows.num_rows, dtype=torch.float32, device=self.device
-            )
+        self.rows = source.rows.clone()
+        if self.components.scorer is not None and self.components.scorer.stateful:
+            self.rows.fields.setdefault("score", torch.zeros(self.rows.num_rows, device=self.device))
         self.seen = source.seen
         self.prompt_lengths = source.prompt_lengths.clone()
         b, h = self.batch_size, self.num_kv_heads
@@ -313,19 +304,20 @@ class SqueezeLayer(CacheLayerMixin):
         if not obs.is_prefill and comp.schedule is not Schedule.EVERY_STEP:
             return
         start = time.perf_counter()
-        state = None
-        if comp.scorer.stateful:
-            state = self.rows.padded("score").view(obs.key_positions.shape)
-        scores = comp.scorer.score(obs, state)  # (B, H_kv, T) fp32
-        if comp.scorer.stateful:
-            self.rows.update_field("score", scores.reshape(-1, scores.shape[-1]))
         if obs.is_prefill:
             self.layer_budget = self._allocate()
             self.protected_recent = torch.tensor(
-                [comp.protected_recent(int(n)) for n in self.layer_budget.tolist()], device=scores.device
+                [comp.protected_recent(int(n)) for n in self.layer_budget.tolist()], device=obs.keys.device
             )
         lengths = self.rows.lengths.view(obs.batch_size, -1)
-        if bool((lengths > self.layer_budget[:, None]).any()):
+        over_budget = bool((lengths > self.layer_budget[:, None]).any())
+        if not (over_budget or comp.scorer.stateful):
+            return  # nothing to evict, and no running score to keep up to date
+        state = self.rows.padded("score").view(obs.key_positions.shape) if comp.scorer.stateful else None
+        scores = comp.scorer.score(obs, state)  # (B, H_kv, T) fp32
+        if comp.scorer.stateful:
+            self.rows.update_field("score", scores.reshape(-1, scores.shape[-1]))
+        if over_budget:
             protected = protected_rows(obs.key_positions, obs.key_valid, self.protected_recent, comp.sinks)
             counts = self.layer_budget[:, None].expand_as(lengths)
             keep = select_rows(scores, obs.key_valid, protected, counts)

@@ -76,6 +76,14 @@ class PackedRows:
         names = tuple(self.fields) if names is None else names
         return sum(self.fields[n].numel() * self.fields[n].element_size() for n in names if n in self.fields)
 
+    def clone(self) -> PackedRows:
+        """An independent copy (fields cloned)."""
+        copy = PackedRows(self.num_segments, device=self.lengths.device)
+        copy.lengths = self.lengths.clone()
+        copy.fields = {name: data.clone() for name, data in self.fields.items()}
+        copy._uniform_length = self._uniform_length
+        return copy
+
     # ------------------------------------------------------------------ writing
 
     def append(self, new: dict[str, torch.Tensor], keep: torch.Tensor | None = None) -> None:
