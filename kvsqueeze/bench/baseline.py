@@ -126,8 +126,11 @@ def _run_group(
                 "score": _mean(scores),
                 "kl": _mean(r.get("kl") for r in rows),
                 "top1": _mean(r.get("top1_agreement") for r in rows),
-                "cache_bytes": _mean(r.get("effective_cache_bytes", r["cache_bytes"]) for r in rows),
-                "stored_tensor_bytes": _mean(r["cache_bytes"] for r in rows),
+                # the tensors kvpress really holds; masking presses (AdaKV, KVzip) keep full-size tensors
+                "cache_bytes": _mean(r["cache_bytes"] for r in rows),
+                "effective_cache_bytes": _mean(
+                    r.get("effective_cache_bytes", r["cache_bytes"]) for r in rows
+                ),
                 "full_cache_bytes": _mean(r["full_cache_bytes"] for r in rows),
                 "decode_tokens_per_second": _mean(
                     r["new_tokens"] / r["decode_seconds"] for r in rows if r["decode_seconds"]
