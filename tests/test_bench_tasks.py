@@ -274,6 +274,7 @@ def test_postprocess():
     )
     assert postprocess("1234567.\n\nSome other rambling with 999", prefix) == "1234567."
     assert postprocess("a\nb\n  \nc") == "a\nb"
+    assert postprocess(":\n\n1. 123\n2. 456\n\nmore", "The numbers are") == "1. 123\n2. 456"
 
 
 def test_score_sample_uses_task_metric():

@@ -28,7 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kvsqueeze.bench.prompts import SETTINGS, EncodedSample, encode_sample
 from kvsqueeze.bench.scoring import postprocess, score_sample
-from kvsqueeze.bench.tasks import Sample, generate_samples, get_task
+from kvsqueeze.bench.tasks import TASKS, Sample, generate_samples, get_task
 from kvsqueeze.cache import Budget, SqueezeCache
 from kvsqueeze.methods import Schedule, get_method
 
@@ -58,7 +58,7 @@ class BenchConfig:
     seed: int = 0
     haystack: str = "pydocs"
     settings: list[str] = field(default_factory=lambda: ["query_agnostic"])
-    max_new_tokens: int = 32
+    max_new_tokens: int | None = None  # None: each task's own answer length
     fidelity_tokens: int = 64
 
     def validate(self, max_positions: int | None, check_tasks: bool = True) -> None:
@@ -86,6 +86,7 @@ class SampleOutcome:
 
     sample_id: str
     prediction: str
+    raw_output: str  # the decoded reply before postprocessing, so runs can be re-scored
     score: float
     kl: float
     top1: float
@@ -181,7 +182,8 @@ def run_sample(
         compression = time.perf_counter() - began
         answer_cache = source.fork(method, budget)
         tokens, rate = _greedy(model, answer_cache, encoded.followup_ids, max_new_tokens, eos)
-        prediction = postprocess(tokenizer.decode(tokens, skip_special_tokens=True), sample.answer_prefix)
+        raw = tokenizer.decode(tokens, skip_special_tokens=True)
+        prediction = postprocess(raw, sample.answer_prefix)
         stepwise = method.components().schedule is Schedule.EVERY_STEP
         kl, top1 = fidelity(
             reference, _teacher_logprobs(model, cache, encoded.followup_ids, teacher, stepwise)
@@ -189,6 +191,7 @@ def run_sample(
         results[(spec.label, budget)] = SampleOutcome(
             sample_id=sample_id,
             prediction=prediction,
+            raw_output=raw,
             score=score_sample(sample, prediction),
             kl=kl,
             top1=top1,
@@ -269,13 +272,14 @@ def run_bench(
         samples = make_samples(task, length)
         for index, sample in enumerate(samples):
             encoded = encode_sample(tokenizer, sample, setting)
+            answer_tokens = config.max_new_tokens or (TASKS[task].answer_tokens if task in TASKS else 32)
             outcomes = run_sample(
                 model,
                 tokenizer,
                 sample,
                 encoded,
                 todo,
-                config.max_new_tokens,
+                answer_tokens,
                 config.fidelity_tokens,
                 f"{task}-{length}-{index}",
             )

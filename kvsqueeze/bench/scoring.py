@@ -40,12 +40,16 @@ METRICS: dict[str, Callable[[str, Sequence[str]], float]] = {
 
 
 def postprocess(prediction: str, answer_prefix: str = "") -> str:
-    """Clean a model reply: drop a repeated ``answer_prefix`` and everything from the first blank line."""
+    """Clean a model reply: drop a repeated ``answer_prefix``, then keep the first paragraph that says
+    something (a reply opening with a bare ``:`` and a blank line before its list keeps the list)."""
     text = prediction.strip()
     prefix = answer_prefix.strip()
     if prefix and text.lower().startswith(prefix.lower()):
         text = text[len(prefix) :]
-    return _BLANK_LINE.split(text, maxsplit=1)[0].strip()
+    for paragraph in _BLANK_LINE.split(text):
+        if any(ch.isalnum() for ch in paragraph):
+            return paragraph.strip()
+    return text.strip()
 
 
 def metric_name(sample: Sample) -> str:

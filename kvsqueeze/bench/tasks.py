@@ -205,6 +205,7 @@ class Task:
     name: str
     metric: str  # "all" or "part", see kvsqueeze.bench.scoring
     description: str = ""
+    answer_tokens: int = 32  # tokens to generate for an answer (as RULER's per-task tokens_to_generate)
 
     def prepare(
         self, rng: random.Random, length: int, haystack: Haystack | None, tokenizer: Tokenizer
@@ -239,6 +240,11 @@ class NeedleTask(Task):
     @property
     def metric(self) -> str:  # type: ignore[override]
         return "part" if self.num_values * self.num_queries == 1 else "all"
+
+    @property
+    def answer_tokens(self) -> int:  # type: ignore[override]
+        per_value = 48 if self.value_kind == "uuid" else 16  # tokenizers may split digits one by one
+        return 16 + per_value * self.num_values * self.num_queries
 
     def _values(self, rng: random.Random, count: int, keys: Sequence[str]) -> list[str]:
         if self.value_kind == "number":
@@ -294,6 +300,7 @@ class VariableTrackingTask(Task):
     num_chains: int = 1
     num_hops: int = 4
     metric: str = "all"
+    answer_tokens: int = 48
     description: str = "multi-hop tracing of variable assignments"
 
     def prepare(
@@ -344,6 +351,7 @@ class CommonWordsTask(Task):
     name: str = "common_words"
     num_common: int = 10
     metric: str = "all"
+    answer_tokens: int = 96
     description: str = "aggregation: the most frequent words of a list"
 
     @staticmethod
@@ -396,6 +404,7 @@ class KVRetrievalTask(Task):
 
     name: str = "kv_retrieval"
     metric: str = "part"
+    answer_tokens: int = 64
     description: str = "retrieve a uuid value from a large JSON object"
 
     def prepare(

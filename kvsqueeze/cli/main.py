@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--setting", default="query_agnostic", choices=["query_agnostic", "query_aware", "both"]
     )
-    bench.add_argument("--max-new-tokens", type=int, default=32)
+    bench.add_argument("--max-new-tokens", type=int, default=None, help="answer tokens (default: per task)")
     bench.add_argument("--fidelity-tokens", type=int, default=64, help="teacher-forced tokens for KL / top-1")
     bench.add_argument("--dataset", help="JSONL with context, question, answers per line (replaces --tasks)")
     bench.add_argument(
