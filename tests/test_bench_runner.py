@@ -110,9 +110,11 @@ def test_bad_config(overrides, needle):
         config(**overrides).validate(4096)
 
 
-def test_length_beyond_the_model():
+@pytest.mark.parametrize("max_new_tokens", [6, None])
+def test_length_beyond_the_model(max_new_tokens):
     with pytest.raises(ValueError, match="exceeds"):
-        config(lengths=[5000]).validate(4096)
+        config(lengths=[5000], max_new_tokens=max_new_tokens).validate(4096)
+    config(lengths=[3000], max_new_tokens=max_new_tokens).validate(4096)
 
 
 def test_query_settings_split_where_the_question_starts(smollm2):

@@ -73,9 +73,8 @@ class BenchConfig:
             if setting not in SETTINGS:
                 raise ValueError(f"unknown setting {setting!r}; choose one of: {', '.join(SETTINGS)}")
         if max_positions is not None:
-            too_long = [
-                n for n in self.lengths if n + self.max_new_tokens + self.fidelity_tokens > max_positions
-            ]
+            extra = max(self.max_new_tokens or 128, self.fidelity_tokens)  # answer or teacher tokens
+            too_long = [n for n in self.lengths if n + extra > max_positions]
             if too_long:
                 raise ValueError(f"length {too_long[0]} exceeds the model's {max_positions} positions")
 
