@@ -14,6 +14,7 @@ import json
 import math
 import random
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -199,7 +200,7 @@ def _join_names(names: Sequence[str]) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
-class Task:
+class Task(ABC):
     """A task generator; subclasses implement :meth:`prepare`."""
 
     name: str
@@ -207,11 +208,11 @@ class Task:
     description: str = ""
     answer_tokens: int = 32  # tokens to generate for an answer (as RULER's per-task tokens_to_generate)
 
+    @abstractmethod
     def prepare(
         self, rng: random.Random, length: int, haystack: Haystack | None, tokenizer: Tokenizer
     ) -> _Spec:
         """Draw this sample's random content and return its length-parametrised builder."""
-        raise NotImplementedError
 
     def haystack_words(self, length: int) -> int:
         """Words of filler needed for a context of ``length`` tokens (a word is at least one token)."""
