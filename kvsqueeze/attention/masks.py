@@ -35,7 +35,7 @@ def attention_mask_for(obs: Observation) -> torch.Tensor | None:
         and bool((obs.key_valid == obs.key_valid[:, :1]).all())
     )
     if same_heads:
-        visible = _visibility_first_head(obs)  # (B, 1, q, T)
+        visible = obs.visibility(first_head_only=True)  # (B, 1, q, T)
     else:
         visible = obs.visibility().repeat_interleave(obs.group_size, dim=1)  # (B, H, q, T)
     # A padding query sees nothing; give it every valid key so SDPA stays finite (its output is unused).
@@ -43,15 +43,6 @@ def attention_mask_for(obs: Observation) -> torch.Tensor | None:
     if bool(empty.any()):
         valid = obs.key_valid[:, :1] if same_heads else obs.key_valid.repeat_interleave(obs.group_size, dim=1)
         visible = visible | (empty & valid[:, :, None, :])
-    return visible
-
-
-def _visibility_first_head(obs: Observation) -> torch.Tensor:
-    kpos = obs.key_positions[:, :1, None, :]  # (B, 1, 1, T)
-    qpos = obs.query_positions[:, None, :, None]  # (B, 1, q, 1)
-    visible = obs.key_valid[:, :1, None, :] & (kpos <= qpos)
-    if obs.sliding_window is not None:
-        visible &= kpos > qpos - obs.sliding_window
     return visible
 
 

@@ -53,12 +53,14 @@ class Observation:
     def query_length(self) -> int:
         return self.query.shape[2]
 
-    def visibility(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """(B, H_kv, qc, T) bool: which stored keys the queries ``start:stop`` may attend to."""
-        qpos = self.query_positions[:, start:stop]  # (B, qc)
-        kpos = self.key_positions[:, :, None, :]  # (B, H_kv, 1, T)
-        qp = qpos[:, None, :, None]  # (B, 1, qc, 1)
-        visible = self.key_valid[:, :, None, :] & (kpos <= qp)
+    def visibility(
+        self, start: int = 0, stop: int | None = None, first_head_only: bool = False
+    ) -> torch.Tensor:
+        """(B, H_kv or 1, qc, T) bool: which stored keys the queries ``start:stop`` may attend to."""
+        heads = slice(0, 1) if first_head_only else slice(None)
+        qp = self.query_positions[:, None, start:stop, None]  # (B, 1, qc, 1)
+        kpos = self.key_positions[:, heads, None, :]  # (B, H_kv, 1, T)
+        visible = self.key_valid[:, heads, None, :] & (kpos <= qp)
         if self.sliding_window is not None:
             visible &= kpos > qp - self.sliding_window
         return visible
