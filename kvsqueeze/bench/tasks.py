@@ -323,41 +323,18 @@ class VariableTrackingTask(Task):
             depths = sorted(rng.random() for _ in statements)
             inserts += zip(depths, statements, strict=True)
         answers, value = chains[0], values[0]
-        instruction = (
-            "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
-        )
+        header = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
         question = f"Question: Find all variables that are assigned the value {value} in the text above."
         prefix = (
             "Answer: According to the chain(s) of variable assignment in the text above, "
             f"{len(answers)} variables are assigned the value {value}, they are:"
         )
-        # One worked example first, as RULER does for this task: small models need to see the format.
-        header = self._example(rng, upper, exclude=set(names), value_exclude=set(values)) + instruction
 
         def build(units: int) -> tuple[str, str]:
             return header + _assemble(haystack.take(units), inserts), question
 
         metadata = {"value": value, "chains": chains, "depths": sorted(d for d, _ in inserts)}
         return _Spec(build, list(answers), prefix, haystack.num_words, metadata)
-
-    def _example(self, rng: random.Random, upper: str, exclude: set[str], value_exclude: set[str]) -> str:
-        """A short solved instance (its own names and value) that precedes the real text."""
-        names: list[str] = []
-        while len(names) < 3:  # a two-hop chain keeps the example short
-            name = "".join(rng.choices(upper, k=5))
-            if name not in exclude and name not in names:
-                names.append(name)
-        value = str(rng.randint(10000, 99999))
-        while value in value_exclude:
-            value = str(rng.randint(10000, 99999))
-        lines = [f"VAR {names[0]} = {value}."] + [f"VAR {names[j + 1]} = VAR {names[j]}." for j in range(2)]
-        text = " Some unrelated words. ".join(lines)
-        listed = ", ".join(names)
-        return (
-            f"Example:\n{text}\nQuestion: Find all variables that are assigned the value {value} in the text above.\n"
-            f"Answer: According to the chain(s) of variable assignment in the text above, {len(names)} variables "
-            f"are assigned the value {value}, they are: {listed}\n\nNow the real task.\n"
-        )
 
 
 # --------------------------------------------------------------------------------------------------
