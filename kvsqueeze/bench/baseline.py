@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kvsqueeze.bench.kvpress_env import KVPRESS_PRESSES, run_kvpress
-from kvsqueeze.bench.runner import BenchConfig, _run_path, generated_samples
+from kvsqueeze.bench.runner import BenchConfig, _run_path, answer_tokens, generated_samples
 from kvsqueeze.bench.scoring import postprocess, score_sample
 from kvsqueeze.bench.tasks import Sample
 
@@ -86,7 +86,7 @@ def _run_group(
             "context": s.context,
             "question": s.question,
             "answer_prefix": s.answer_prefix,
-            "max_new_tokens": config.max_new_tokens,
+            "max_new_tokens": answer_tokens(config, task),
             "setting": setting,
             "teacher_ids": teachers.get(f"{task}-{length}-{i}", []),
         }

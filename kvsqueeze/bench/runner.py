@@ -7,7 +7,8 @@ budget) gets:
 * the answer, decoded greedily from its own cache, scored against the sample's answers;
 * fidelity that needs no answers: mean KL(full || compressed) and top-1 agreement of the next-token
   distributions over a teacher-forced continuation (the full cache's own greedy continuation);
-* stored cache bytes (from the tensors), decode tokens/s, and the compression overhead (time spent scoring
+* stored bytes of the compressed context (from the tensors, as kvpress reports them), decode tokens/s, and
+  the compression overhead (time spent scoring
   and selecting, as a share of the shared prefill).
 
 Results go to ``<out>/runs/<setting>/<task>/<length>/<method>@<budget>.json``; a run whose JSON exists is
@@ -179,6 +180,7 @@ def run_sample(
         began = time.perf_counter()
         cache = source.fork(method, budget)
         compression = time.perf_counter() - began
+        stored, full_bytes = cache.nbytes(), cache.full_nbytes()  # the compressed context, as kvpress reports
         answer_cache = source.fork(method, budget)
         tokens, rate = _greedy(model, answer_cache, encoded.followup_ids, max_new_tokens, eos)
         raw = tokenizer.decode(tokens, skip_special_tokens=True)
@@ -194,8 +196,8 @@ def run_sample(
             score=score_sample(sample, prediction),
             kl=kl,
             top1=top1,
-            cache_bytes=max(cache.nbytes(), answer_cache.nbytes()),
-            full_cache_bytes=answer_cache.full_nbytes(),
+            cache_bytes=stored,
+            full_cache_bytes=full_bytes,
             decode_tokens_per_second=rate,
             compression_seconds=compression,
             prefill_seconds=prefill,
@@ -217,6 +219,11 @@ def iterate_runs(config: BenchConfig) -> list[tuple[MethodSpec, float]]:
     if not any(spec.name == "full" for spec, _ in runs):
         runs.insert(0, (MethodSpec("full"), 1.0))
     return runs
+
+
+def answer_tokens(config: BenchConfig, task: str) -> int:
+    """Tokens to generate for an answer: the config's cap, else the task's own (RULER-style) length."""
+    return config.max_new_tokens or (TASKS[task].answer_tokens if task in TASKS else 32)
 
 
 def generated_samples(
@@ -271,14 +278,13 @@ def run_bench(
         samples = make_samples(task, length)
         for index, sample in enumerate(samples):
             encoded = encode_sample(tokenizer, sample, setting)
-            answer_tokens = config.max_new_tokens or (TASKS[task].answer_tokens if task in TASKS else 32)
             outcomes = run_sample(
                 model,
                 tokenizer,
                 sample,
                 encoded,
                 todo,
-                answer_tokens,
+                answer_tokens(config, task),
                 config.fidelity_tokens,
                 f"{task}-{length}-{index}",
             )
