@@ -24,7 +24,7 @@ def as_lists(rows: PackedRows) -> list[list[list[float]]]:
 ops = st.lists(
     st.one_of(
         st.tuples(st.just("append"), st.integers(1, 4), st.integers(0, 2**31 - 1), st.booleans()),
-        st.tuples(st.just("select"), st.integers(0, 3), st.integers(0, 2**31 - 1), st.booleans()),
+        st.tuples(st.just("keep"), st.integers(0, 3), st.integers(0, 2**31 - 1), st.booleans()),
     ),
     min_size=1,
     max_size=12,
@@ -53,18 +53,15 @@ def test_packed_rows_match_a_list_model(num_segments, operations):
                     if keep is None or keep[s, j]:
                         model[s].append(new[s, j].tolist())
         else:
-            lengths = [len(seg) for seg in model]
-            k = max(lengths) if lengths else 0
-            index = torch.zeros(num_segments, max(k, 1), dtype=torch.long)
-            counts = torch.zeros(num_segments, dtype=torch.long)
-            for s, length in enumerate(lengths):
-                keep_n = min(length, n) if flag else length
-                chosen = sorted(torch.randperm(length, generator=gen)[:keep_n].tolist())
-                index[s, : len(chosen)] = torch.tensor(chosen, dtype=torch.long)
-                counts[s] = len(chosen)
-                model[s] = [model[s][i] for i in chosen]
+            width = max((len(seg) for seg in model), default=0)
+            mask = torch.zeros(num_segments, width, dtype=torch.bool)
+            for s, segment in enumerate(model):
+                keep_n = min(len(segment), n) if flag else len(segment)
+                chosen = sorted(torch.randperm(len(segment), generator=gen)[:keep_n].tolist())
+                mask[s, chosen] = True
+                model[s] = [segment[i] for i in chosen]
             if rows.fields:
-                rows.select(index, counts)
+                rows.keep(mask)
         if rows.fields:
             assert as_lists(rows) == model
             assert rows.lengths.tolist() == [len(seg) for seg in model]

@@ -7,9 +7,8 @@ budget) gets:
 * the answer, decoded greedily from its own cache, scored against the sample's answers;
 * fidelity that needs no answers: mean KL(full || compressed) and top-1 agreement of the next-token
   distributions over a teacher-forced continuation (the full cache's own greedy continuation);
-* stored bytes of the compressed context (from the tensors, as kvpress reports them), decode tokens/s, and
-  the compression overhead (time spent scoring
-  and selecting, as a share of the shared prefill).
+* stored bytes of the compressed context (from the tensors, as kvpress reports them), decode tokens/s,
+  and the compression overhead (time spent scoring and selecting, as a share of the shared prefill).
 
 Results go to ``<out>/runs/<setting>/<task>/<length>/<method>@<budget>.json``; a run whose JSON exists is
 skipped, so an interrupted benchmark resumes where it stopped.

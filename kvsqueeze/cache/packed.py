@@ -133,26 +133,6 @@ class PackedRows:
         self.lengths = new_lengths
         self._refresh_uniform()
 
-    def select(self, index: torch.Tensor, counts: torch.Tensor | None = None) -> None:
-        """Keep, in every segment, the rows ``index[s, :counts[s]]`` (indices inside the segment, in that order).
-
-        Args:
-            index: (S, K) long, row indices inside each segment.
-            counts: (S,) long, how many leading entries of ``index`` each segment keeps (default: all K).
-        """
-        k = index.shape[1]
-        flat = self.offsets()[:, None] + index  # (S, K)
-        if counts is None:
-            flat = flat.reshape(-1)
-            new_lengths = torch.full_like(self.lengths, k)
-        else:
-            flat = flat[torch.arange(k, device=index.device)[None, :] < counts[:, None]]
-            new_lengths = counts.to(self.lengths)
-        for name, data in self.fields.items():
-            self.fields[name] = data.index_select(0, flat)
-        self.lengths = new_lengths.clone()
-        self._refresh_uniform()
-
     def keep(self, mask: torch.Tensor) -> None:
         """Keep the rows where ``mask`` (S, T_max) is True, in their current order; free the others."""
         seg, col = mask.nonzero(as_tuple=True)  # row-major: by segment, then in temporal order
