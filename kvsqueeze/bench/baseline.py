@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kvsqueeze.bench.kvpress_env import KVPRESS_PRESSES, run_kvpress
+from kvsqueeze.bench.report import mean_of
 from kvsqueeze.bench.runner import BenchConfig, _run_path, answer_tokens, generated_samples
 from kvsqueeze.bench.scoring import postprocess, score_sample
 from kvsqueeze.bench.tasks import Sample
@@ -123,19 +124,21 @@ def _run_group(
                 "method": press,
                 "budget": keep,
                 "num_samples": len(rows),
-                "score": _mean(scores),
-                "kl": _mean(r.get("kl") for r in rows),
-                "top1": _mean(r.get("top1_agreement") for r in rows),
+                "score": mean_of(scores),
+                "kl": mean_of(r.get("kl") for r in rows),
+                "top1": mean_of(r.get("top1_agreement") for r in rows),
                 # the tensors kvpress really holds; masking presses (AdaKV, KVzip) keep full-size tensors
-                "cache_bytes": _mean(r["cache_bytes"] for r in rows),
-                "effective_cache_bytes": _mean(
+                "cache_bytes": mean_of(r["cache_bytes"] for r in rows),
+                "effective_cache_bytes": mean_of(
                     r.get("effective_cache_bytes", r["cache_bytes"]) for r in rows
                 ),
-                "full_cache_bytes": _mean(r["full_cache_bytes"] for r in rows),
-                "decode_tokens_per_second": _mean(
+                "full_cache_bytes": mean_of(r["full_cache_bytes"] for r in rows),
+                "decode_tokens_per_second": mean_of(
                     r["new_tokens"] / r["decode_seconds"] for r in rows if r["decode_seconds"]
                 ),
-                "compression_overhead": _mean(r["prefill_seconds"] / full_prefill[r["id"]] - 1 for r in rows),
+                "compression_overhead": mean_of(
+                    r["prefill_seconds"] / full_prefill[r["id"]] - 1 for r in rows
+                ),
                 "errors": [],
             }
         )
@@ -152,8 +155,3 @@ def _teacher_ids(out: Path, setting: str, task: str, length: int) -> dict[str, l
     if not path.exists():
         return {}
     return {s["sample_id"]: s.get("teacher_ids", []) for s in json.loads(path.read_text())["samples"]}
-
-
-def _mean(values) -> float:
-    values = [float(v) for v in values if v is not None and v == v]
-    return sum(values) / len(values) if values else float("nan")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 
 from kvsqueeze.generation import format_bytes
@@ -45,21 +46,21 @@ def markdown_table(records: list[dict], setting: str) -> str:
     for key in sorted(rows, key=lambda k: (k[1] != "full", k[0], k[1], -k[2])):
         by_task = rows[key]
         every = [r for rs in by_task.values() for r in rs]
-        scores = [_mean(r["score"] for r in by_task[t]) if t in by_task else float("nan") for t in tasks]
+        scores = [mean_of(r["score"] for r in by_task[t]) if t in by_task else float("nan") for t in tasks]
         cells = [
             key[0],
             key[1],
             f"{key[2]:g}",
             *[_pct(s) for s in scores],
-            _pct(_mean(scores)),
-            _num(_mean(r["kl"] for r in every), 3),
-            _pct(_mean(r["top1"] for r in every)),
-            _num(_mean(r["cache_bytes"] / max(1, r["full_cache_bytes"]) for r in every), 3),
-            _num(_mean(r["decode_tokens_per_second"] for r in every), 1),
-            _num(_mean(r["compression_overhead"] for r in every), 2),
+            _pct(mean_of(scores)),
+            _num(mean_of(r["kl"] for r in every), 3),
+            _pct(mean_of(r["top1"] for r in every)),
+            _num(mean_of(r["cache_bytes"] / max(1, r["full_cache_bytes"]) for r in every), 3),
+            _num(mean_of(r["decode_tokens_per_second"] for r in every), 1),
+            _num(mean_of(r["compression_overhead"] for r in every), 2),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    full_bytes = _mean(r["full_cache_bytes"] for r in records)
+    full_bytes = mean_of(r["full_cache_bytes"] for r in records)
     lines += ["", f"Full cache: {format_bytes(int(full_bytes))} on average per sample."]
     return "\n".join(lines)
 
@@ -109,7 +110,7 @@ def _lines(ax, records: list[dict], x: str, y: str, title: str) -> None:
         label = r["method"] if r.get("source", "kvsqueeze") == "kvsqueeze" else f"kvpress:{r['method']}"
         series[label][float(r[x])].append(float(r[y]))
     for label in sorted(series):
-        points = sorted((k, _mean(v)) for k, v in series[label].items())
+        points = sorted((k, mean_of(v)) for k, v in series[label].items())
         style = "--" if label.startswith("kvpress:") else "-"
         ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=label, markersize=3)
     ax.set_title(title, fontsize=9)
@@ -121,9 +122,10 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _mean(values) -> float:
-    values = [float(v) for v in values if v == v]
-    return sum(values) / len(values) if values else float("nan")
+def mean_of(values: Iterable[float | None]) -> float:
+    """The mean of the values that are there: ``None`` and NaN are left out; NaN when none is left."""
+    present = [float(v) for v in values if v is not None and v == v]
+    return sum(present) / len(present) if present else float("nan")
 
 
 def _pct(value: float) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import resource
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,6 +27,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kvsqueeze.bench.prompts import SETTINGS, EncodedSample, encode_sample
+from kvsqueeze.bench.report import mean_of
 from kvsqueeze.bench.scoring import postprocess, score_sample
 from kvsqueeze.bench.tasks import TASKS, Sample, generate_samples, get_task
 from kvsqueeze.cache import Budget, SqueezeCache
@@ -303,11 +304,6 @@ def run_bench(
     return records
 
 
-def _mean(values: Iterable[float]) -> float:
-    values = [v for v in values if v == v]  # drop NaN
-    return sum(values) / len(values) if values else float("nan")
-
-
 def _summarize(
     outcomes: list[SampleOutcome],
     setting: str,
@@ -320,7 +316,7 @@ def _summarize(
 ) -> dict:
     import kvsqueeze
 
-    prefill = _mean(o.prefill_seconds for o in outcomes)
+    prefill = mean_of(o.prefill_seconds for o in outcomes)
     return {
         "source": "kvsqueeze",
         "version": kvsqueeze.__version__,
@@ -333,14 +329,14 @@ def _summarize(
         "seed": config.seed,
         "haystack": config.haystack,
         "num_samples": len(outcomes),
-        "score": _mean(o.score for o in outcomes),
-        "kl": _mean(o.kl for o in outcomes),
-        "top1": _mean(o.top1 for o in outcomes),
-        "cache_bytes": _mean(o.cache_bytes for o in outcomes),
-        "full_cache_bytes": _mean(o.full_cache_bytes for o in outcomes),
-        "decode_tokens_per_second": _mean(o.decode_tokens_per_second for o in outcomes),
+        "score": mean_of(o.score for o in outcomes),
+        "kl": mean_of(o.kl for o in outcomes),
+        "top1": mean_of(o.top1 for o in outcomes),
+        "cache_bytes": mean_of(o.cache_bytes for o in outcomes),
+        "full_cache_bytes": mean_of(o.full_cache_bytes for o in outcomes),
+        "decode_tokens_per_second": mean_of(o.decode_tokens_per_second for o in outcomes),
         "prefill_tokens_per_second": length / prefill if prefill > 0 else float("nan"),
-        "compression_overhead": _mean(o.compression_seconds for o in outcomes) / prefill
+        "compression_overhead": mean_of(o.compression_seconds for o in outcomes) / prefill
         if prefill > 0
         else 0.0,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
