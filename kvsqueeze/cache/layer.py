@@ -87,9 +87,8 @@ class SqueezeLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         b, h, q, d = key_states.shape
-        model_kwargs = (
-            kwargs.get("kwargs", kwargs) or {}
-        )  # transformers passes the layer's kwargs as `kwargs=`
+        # transformers hands the decoder layer's kwargs (position_ids, ...) over as `kwargs=`
+        model_kwargs = kwargs.get("kwargs", kwargs) or {}
         positions = _positions(model_kwargs.get("position_ids"), b, q, self.seen, key_states.device)  # (B, q)
         new = {
             "keys": key_states.reshape(b * h, q, d),
@@ -237,17 +236,7 @@ class SqueezeLayer(CacheLayerMixin):
             self.rows.fields.setdefault("score", torch.zeros(self.rows.num_rows, device=self.device))
         self.seen = source.seen
         self.prompt_lengths = source.prompt_lengths.clone()
-        b, h = self.batch_size, self.num_kv_heads
-        t = self.rows.max_length
-        obs = dataclasses.replace(
-            rec,
-            keys=self.keys,
-            values=self.values,
-            key_positions=self.rows.padded("positions", fill=-1).view(b, h, t),
-            key_valid=self.rows.valid_mask().view(b, h, t),
-            all_keys_valid=self.rows.is_uniform,
-        )
-        self._compress(obs)
+        self._compress(dataclasses.replace(rec, **self._stored_rows()))
 
     def _observe(
         self,
@@ -259,24 +248,28 @@ class SqueezeLayer(CacheLayerMixin):
         is_prefill: bool,
     ) -> Observation:
         b, _, q, _ = query.shape
-        h = self.num_kv_heads
-        t = self.rows.max_length
-        qpos = _positions(position_ids, b, q, self.seen - q, query.device)
         return Observation(
             query=query,
-            query_positions=qpos,
+            query_positions=_positions(position_ids, b, q, self.seen - q, query.device),
             query_valid=query_valid,
-            keys=self.keys,
-            values=self.values,
-            key_positions=self.rows.padded("positions", fill=-1).view(b, h, t),
-            key_valid=self.rows.valid_mask().view(b, h, t),
             scaling=scaling,
             layer_idx=self.layer_idx,
             num_layers=self.num_layers,
             sliding_window=window,
             is_prefill=is_prefill,
-            all_keys_valid=self.rows.is_uniform,
+            **self._stored_rows(),
         )
+
+    def _stored_rows(self) -> dict[str, Any]:
+        """The stored rows as an :class:`Observation` sees them: padded keys, values, positions, validity."""
+        b, h, t = self.batch_size, self.num_kv_heads, self.rows.max_length
+        return {
+            "keys": self.keys,  # (B, H_kv, T, D)
+            "values": self.values,
+            "key_positions": self.rows.padded("positions", fill=-1).view(b, h, t),
+            "key_valid": self.rows.valid_mask().view(b, h, t),
+            "all_keys_valid": self.rows.is_uniform,
+        }
 
     def _attention_output(self, module: torch.nn.Module, obs: Observation, dropout: float) -> torch.Tensor:
         mask = attention_mask_for(obs)
@@ -340,8 +333,7 @@ class SqueezeLayer(CacheLayerMixin):
     def _trim_sliding_window(self, obs: Observation, window: int) -> bool:
         """Free rows that no future query of a sliding-window layer can see; True if any was freed."""
         newest = obs.query_positions.max(dim=-1).values  # (B,)
-        positions = self.rows.padded("positions", fill=-1).view(obs.batch_size, self.num_kv_heads, -1)
-        keep = self.rows.valid_mask().view_as(positions) & (positions > (newest + 1 - window)[:, None, None])
+        keep = obs.key_valid & (obs.key_positions > (newest + 1 - window)[:, None, None])  # (B, H_kv, T)
         if bool(keep.sum() == self.rows.num_rows):
             return False
         self.rows.keep(keep.view(-1, keep.shape[-1]))
