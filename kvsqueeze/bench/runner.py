@@ -160,12 +160,8 @@ def run_sample(
     sample_id: str,
 ) -> dict[tuple[str, float], SampleOutcome]:
     """Every (method, budget) of ``runs`` on one sample, from one shared prefill."""
-    eos = {
-        t
-        for t in [tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)]
-        if t is not None
-    }
-    eos = {int(x) for t in eos for x in (t if isinstance(t, list) else [t])}
+    eos_ids = [tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)]
+    eos = {int(x) for t in eos_ids if t is not None for x in (t if isinstance(t, list) else [t])}
     source = SqueezeCache(model, "full", record_prefill=True)
     start = time.perf_counter()
     model(encoded.compressed_ids, cache=source)
