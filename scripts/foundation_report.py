@@ -22,10 +22,10 @@ from transformers import DynamicCache
 
 import kvsqueeze
 from kvsqueeze.bench import generate_samples
+from kvsqueeze.bench.report import replace_block
 from kvsqueeze.generation import format_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
-START, END = "<!-- foundation:start -->", "<!-- foundation:end -->"
 
 
 def prompt_ids(tokenizer, length: int) -> torch.Tensor:
@@ -105,7 +105,6 @@ def main() -> None:
     started = time.perf_counter()
     body = "\n".join(
         [
-            START,
             f"Model `{args.model}` ({model.dtype}), {platform.machine()} CPU. "
             "Command: `.venv/bin/python scripts/foundation_report.py --write`.",
             "",
@@ -118,16 +117,11 @@ def main() -> None:
             speed_table(model, tokenizer),
             "",
             f"Wall time of this report: {time.perf_counter() - started:.0f} s.",
-            END,
         ]
     )
     print(body)
     if args.write:
-        path = ROOT / "docs" / "RESULTS.md"
-        text = path.read_text()
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        path.write_text(head + body + tail)
+        replace_block(ROOT / "docs" / "RESULTS.md", "foundation", body)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import torch
 
 from kvsqueeze.bench import Sample
 from kvsqueeze.bench.prompts import encode_sample
-from kvsqueeze.bench.report import markdown_table, plot_results
+from kvsqueeze.bench.report import markdown_table, plot_results, replace_block
 from kvsqueeze.bench.runner import BenchConfig, MethodSpec, fidelity, run_bench
 from kvsqueeze.models.tiny import tiny_model
 
@@ -68,6 +68,24 @@ def test_deterministic_and_resumable(model_and_tokenizer, tmp_path):
     again = run_bench(model, tokenizer, cfg, tmp_path / "a", progress=False)  # resumes: nothing recomputed
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "a").rglob("*.json")} == before
     assert strip(again) == strip(first)
+    grown = config(settings=["query_agnostic"], tasks=["niah_single_number"], budgets=[0.25])
+    grown.methods.append(MethodSpec("knorm"))  # a new method: only its record is written
+    run_bench(model, tokenizer, grown, tmp_path / "a", progress=False)
+    after = {p: p.stat().st_mtime_ns for p in (tmp_path / "a").rglob("*.json")}
+    assert {p: t for p, t in after.items() if p in before} == before
+    assert [p.name for p in set(after) - set(before)] == ["knorm@0.25.json"]
+
+
+def test_replace_block_keeps_the_rest_of_the_file(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Results\n\nintro\n")
+    replace_block(path, "bench", "first")
+    replace_block(path, "other", "x")
+    replace_block(path, "bench", "second\ntable")
+    text = path.read_text()
+    assert text.startswith("# Results\n\nintro\n")
+    assert "<!-- bench:start -->\nsecond\ntable\n<!-- bench:end -->" in text and "first" not in text
+    assert text.index("bench:end") < text.index("other:start")
 
 
 def test_plain_full_run_equals_the_full_method(model_and_tokenizer):

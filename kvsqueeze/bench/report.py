@@ -32,13 +32,16 @@ def markdown_table(records: list[dict], setting: str) -> str:
         "KL",
         "top-1",
         "bytes / full",
+        "peak RSS",
+        "prefill tok/s",
         "decode tok/s",
         "overhead",
     ]
     lines = [
         f"Setting `{setting}`, context {', '.join(str(n) for n in lengths)} tokens; scores in %; "
         "KL and top-1 against the full cache over a teacher-forced continuation; "
-        "overhead = scoring and selection time / prefill time.",
+        "peak RSS = the process's peak resident memory; "
+        "overhead = time spent compressing (scoring and selection) / prefill time.",
         "",
         "| " + " | ".join(header) + " |",
         "| " + " | ".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + " |",
@@ -56,6 +59,8 @@ def markdown_table(records: list[dict], setting: str) -> str:
             _num(mean_of(r["kl"] for r in every), 3),
             _pct(mean_of(r["top1"] for r in every)),
             _num(mean_of(r["cache_bytes"] / max(1, r["full_cache_bytes"]) for r in every), 3),
+            _bytes(mean_of(r.get("peak_rss_bytes") for r in every)),
+            _num(mean_of(r.get("prefill_tokens_per_second") for r in every), 0),
             _num(mean_of(r["decode_tokens_per_second"] for r in every), 1),
             _num(mean_of(r["compression_overhead"] for r in every), 2),
         ]
@@ -122,6 +127,19 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def replace_block(path: Path, name: str, body: str) -> None:
+    """Put ``body`` between ``<!-- name:start -->`` and ``<!-- name:end -->`` in the Markdown file at
+    ``path``, replacing what was there; the markers are appended at the end if the file lacks them."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = path.read_text() if path.exists() else ""
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        tail = rest.split(end, 1)[1]
+    else:
+        head, tail = text.rstrip("\n") + "\n\n", "\n"
+    path.write_text(f"{head}{start}\n{body}\n{end}{tail}")
+
+
 def mean_of(values: Iterable[float | None]) -> float:
     """The mean of the values that are there: ``None`` and NaN are left out; NaN when none is left."""
     present = [float(v) for v in values if v is not None and v == v]
@@ -130,6 +148,10 @@ def mean_of(values: Iterable[float | None]) -> float:
 
 def _pct(value: float) -> str:
     return "–" if value != value else f"{100 * value:.0f}"
+
+
+def _bytes(value: float) -> str:
+    return "–" if value != value else format_bytes(int(value))
 
 
 def _num(value: float, digits: int) -> str:

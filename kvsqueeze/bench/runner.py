@@ -16,6 +16,7 @@ skipped, so an interrupted benchmark resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import time
@@ -95,7 +96,27 @@ class SampleOutcome:
     decode_tokens_per_second: float
     compression_seconds: float
     prefill_seconds: float
+    peak_rss_bytes: (
+        int  # while compressing, answering and teacher forcing (model and shared prefill included)
+    )
     teacher_ids: list[int] = field(default_factory=list)  # the full cache's continuation (full rows only)
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak-memory window (Linux: writing 5 to /proc/self/clear_refs resets VmHWM)."""
+    with contextlib.suppress(OSError):  # not Linux: peak_rss() falls back to the lifetime peak
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss() -> int:
+    """Peak resident memory of this process since the last :func:`reset_peak_rss`, in bytes."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _greedy(
@@ -173,9 +194,9 @@ def run_sample(
     results: dict[tuple[str, float], SampleOutcome] = {}
     for spec, budget in runs:
         method = get_method(spec.name, **spec.params)
-        began = time.perf_counter()
+        reset_peak_rss()
         cache = source.fork(method, budget)
-        compression = time.perf_counter() - began
+        compression = cache.compression_seconds()  # scoring + selection only, not the fork's copy
         stored, full_bytes = cache.nbytes(), cache.full_nbytes()  # the compressed context, as kvpress reports
         answer_cache = source.fork(method, budget)
         tokens, rate = _greedy(model, answer_cache, encoded.followup_ids, max_new_tokens, eos)
@@ -197,6 +218,7 @@ def run_sample(
             decode_tokens_per_second=rate,
             compression_seconds=compression,
             prefill_seconds=prefill,
+            peak_rss_bytes=peak_rss(),
             teacher_ids=teacher if spec.name == "full" else [],
         )
     return results
@@ -268,8 +290,6 @@ def run_bench(
             bar.update(config.num_samples)
             records.extend(_load_records(out, setting, task, length, runs))
             continue
-        if not any(spec.name == "full" for spec, _ in todo):
-            todo.insert(0, (MethodSpec("full"), 1.0))
         per_run: dict[tuple[str, float], list[SampleOutcome]] = {(spec.label, b): [] for spec, b in todo}
         samples = make_samples(task, length)
         for index, sample in enumerate(samples):
@@ -335,9 +355,21 @@ def _summarize(
         "compression_overhead": mean_of(o.compression_seconds for o in outcomes) / prefill
         if prefill > 0
         else 0.0,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": max(o.peak_rss_bytes for o in outcomes),
         "samples": [asdict(o) for o in outcomes],
     }
+
+
+def load_records(config: BenchConfig, out: Path) -> list[dict]:
+    """The records of ``config`` already written under ``out`` (all of them once a run has finished)."""
+    runs = iterate_runs(config)
+    return [
+        record
+        for setting in config.settings
+        for task in config.tasks
+        for length in config.lengths
+        for record in _load_records(out, setting, task, length, runs)
+    ]
 
 
 def _load_records(

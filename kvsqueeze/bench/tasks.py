@@ -295,11 +295,16 @@ class NeedleTask(Task):
 
 @dataclass
 class VariableTrackingTask(Task):
-    """Chains "VAR ABCDE = 12345", "VAR FGHIJ = VAR ABCDE", ... in filler; ask for all names of one value."""
+    """Chains "VAR ABCDE = 12345", "VAR FGHIJ = VAR ABCDE", ... in filler; ask for all names of one value.
+
+    Each assignment is its own paragraph by default: with the statements inline in the prose, the full
+    cache of Qwen2.5-Coder-0.5B scored 40% at 4k tokens (2 samples), with them as paragraphs 100% (3).
+    """
 
     name: str = "variable_tracking"
     num_chains: int = 1
     num_hops: int = 4
+    paragraphs: bool = True  # each assignment in its own paragraph (False: inline in the prose)
     metric: str = "all"
     answer_tokens: int = 48
     description: str = "multi-hop tracing of variable assignments"
@@ -331,7 +336,7 @@ class VariableTrackingTask(Task):
         )
 
         def build(units: int) -> tuple[str, str]:
-            return header + _assemble(haystack.take(units), inserts), question
+            return header + _assemble(haystack.take(units), inserts, paragraphs=self.paragraphs), question
 
         metadata = {"value": value, "chains": chains, "depths": sorted(d for d, _ in inserts)}
         return _Spec(build, list(answers), prefix, haystack.num_words, metadata)
@@ -346,11 +351,14 @@ class CommonWordsTask(Task):
     """A numbered word list in which ``num_common`` words are much more frequent; ask for them.
 
     Frequencies follow RULER (common x30 / others x3 from 4k tokens, x6 / x1 below) and are raised
-    together when the vocabulary is too small for the length. The haystack is not used.
+    together when the vocabulary is too small for the length. The haystack is not used. One item per
+    line by default: the full cache of Qwen2.5-Coder-0.5B scored 63% at 4k tokens with the items on one
+    line and 80% with one per line (3 samples).
     """
 
     name: str = "common_words"
     num_common: int = 10
+    one_per_line: bool = True  # "1. word\n2. word" (False: "1. word 2. word" on one line)
     metric: str = "all"
     answer_tokens: int = 96
     description: str = "aggregation: the most frequent words of a list"
@@ -382,7 +390,8 @@ class CommonWordsTask(Task):
         def build(units: int) -> tuple[str, str]:
             items = common * common_freq + rare[:units] * rare_freq
             random.Random(shuffle_seed).shuffle(items)
-            return header + " ".join(f"{i}. {w}" for i, w in enumerate(items, start=1)), question
+            separator = "\n" if self.one_per_line else " "
+            return header + separator.join(f"{i}. {w}" for i, w in enumerate(items, start=1)), question
 
         metadata = {"common_frequency": common_freq, "rare_frequency": rare_freq}
         return _Spec(build, common, prefix, len(rare), metadata)

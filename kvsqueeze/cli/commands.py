@@ -148,10 +148,13 @@ def _split(text: str) -> list[str]:
 
 
 def _method_specs(text: str):
-    """``snapkv,h2o:recent_share=0.3,pyramidkv:window=16`` -> MethodSpecs."""
+    """``snapkv,h2o:recent_share=0.3,pyramidkv:window=16`` -> MethodSpecs; ``all``: every method."""
     from kvsqueeze.bench.runner import MethodSpec
     from kvsqueeze.cli.main import _param
+    from kvsqueeze.methods import METHODS
 
+    if text.strip() == "all":
+        return [MethodSpec(name) for name in sorted(METHODS)]
     specs = []
     for item in _split(text):
         name, *params = item.split(":")

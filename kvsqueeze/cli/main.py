@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmark methods x budgets x tasks x lengths (resumable)")
     _add_model(bench)
     bench.add_argument(
-        "--methods", default="snapkv,pyramidkv,h2o,streaming_llm,knorm", help="comma list; name:param=v"
+        "--methods",
+        default="snapkv,pyramidkv,h2o,streaming_llm,knorm",
+        help="comma list (name:param=v), or 'all'",
     )
     bench.add_argument("--budgets", default="0.1,0.25,0.5", help="keep ratios, comma separated")
     bench.add_argument("--tasks", default="all", help="comma list of tasks, or 'all'")

@@ -1,0 +1,142 @@
+"""Run the published benchmark (Qwen2.5-Coder-0.5B, 4k tokens) and write its block in docs/RESULTS.md.
+
+    .venv/bin/python scripts/bench_report.py            # run (or resume) and print the tables
+    .venv/bin/python scripts/bench_report.py --write    # and replace the bench block in docs/RESULTS.md
+
+Every kvsqueeze method at keep ratios 0.1, 0.25 and 0.5 on every generated task, in both settings, plus
+kvpress's presses on the same samples (query-agnostic). Run records go to docs/bench/runs and
+docs/bench/kvpress; an interrupted run resumes from them, and the wall time of every invocation is
+added up in docs/bench/wall_seconds.json. The plots are written to docs/bench/plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import kvsqueeze
+from kvsqueeze.bench import TASKS
+from kvsqueeze.bench.report import markdown_table, mean_of, plot_results, replace_block
+from kvsqueeze.bench.runner import BenchConfig, MethodSpec, load_records, run_bench
+from kvsqueeze.methods import METHODS
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "docs" / "bench"
+MODEL = "qwen2.5-coder-0.5b"
+COMMAND = ".venv/bin/python scripts/bench_report.py --write"
+KVPRESS_SETTINGS = ["query_agnostic"]
+STAGES = ("query_agnostic", "query_aware", "kvpress")
+
+
+def config(samples: int) -> BenchConfig:
+    return BenchConfig(
+        methods=[MethodSpec(name) for name in sorted(METHODS)],
+        budgets=[0.1, 0.25, 0.5],
+        tasks=sorted(TASKS),
+        lengths=[4096],
+        num_samples=samples,
+        seed=0,
+        haystack="pydocs",
+        settings=["query_agnostic", "query_aware"],
+        fidelity_tokens=64,
+    )
+
+
+def full_scores(records: list[dict], setting: str) -> str:
+    """'task 100, task 50, ...': the full cache's score per task."""
+    full = sorted(
+        (r["task"], r["score"])
+        for r in records
+        if r["setting"] == setting and r["method"] == "full" and r.get("source") == "kvsqueeze"
+    )
+    average = mean_of(score for _, score in full)
+    return ", ".join(f"{task} {100 * score:.0f}" for task, score in full) + f"; average {100 * average:.0f}"
+
+
+def kvpress_records() -> list[dict]:
+    """Every kvpress record under docs/bench/kvpress (one file per setting, task and length)."""
+    files = sorted((OUT / "kvpress").rglob("*.json"))
+    return [record for path in files for record in json.loads(path.read_text())["records"]]
+
+
+def wall_seconds(started: float) -> float:
+    """Add this invocation's wall time to docs/bench/wall_seconds.json; the total over invocations."""
+    path = OUT / "wall_seconds.json"
+    history = json.loads(path.read_text()) if path.exists() else []
+    history.append(round(time.perf_counter() - started, 1))
+    path.write_text(json.dumps(history))
+    return sum(history)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--write", action="store_true", help="replace the bench block in docs/RESULTS.md")
+    parser.add_argument("--samples", type=int, default=1, help="samples per task (default 1)")
+    parser.add_argument("--tasks", help="run only these tasks now (comma list; default: all)")
+    parser.add_argument(
+        "--stages",
+        default=",".join(STAGES),
+        help=f"run only these stages now (comma list of {', '.join(STAGES)}); "
+        "the table always shows every record already on disk",
+    )
+    args = parser.parse_args()
+    started = time.perf_counter()
+    bench = config(args.samples)
+    stages = args.stages.split(",")
+    if unknown := set(stages) - set(STAGES):
+        raise SystemExit(f"unknown stage {sorted(unknown)[0]!r}; stages: {', '.join(STAGES)}")
+    tasks = args.tasks.split(",") if args.tasks else bench.tasks
+    settings = [s for s in bench.settings if s in stages]
+    model, tokenizer = kvsqueeze.load_model(MODEL)
+    if settings:
+        run_bench(
+            model,
+            tokenizer,
+            dataclasses.replace(bench, tasks=tasks, settings=settings),
+            OUT,
+            model_name=MODEL,
+        )
+    if "kvpress" in stages:
+        from kvsqueeze.bench.baseline import run_kvpress_baseline
+
+        agnostic = dataclasses.replace(bench, tasks=tasks, settings=KVPRESS_SETTINGS)
+        run_kvpress_baseline(model, tokenizer, agnostic, OUT, MODEL)
+    records = load_records(bench, OUT)
+    records += kvpress_records()
+    plots = plot_results(records, OUT / "plots")
+    total = wall_seconds(started)
+    lines = [
+        f"Model `{MODEL}` (fp32, 2 CPU threads), {bench.lengths[0]}-token contexts, "
+        f"{bench.num_samples} sample(s) per task (seed {bench.seed}, `{bench.haystack}` haystack), "
+        f"keep ratios {', '.join(f'{b:g}' for b in bench.budgets)}. Command: `{COMMAND}` "
+        f"(resumes from the run records in `docs/bench/`; total wall time over its invocations: "
+        f"{total / 60:.0f} min).",
+        "",
+        "Full cache per task at 4k, query-agnostic: "
+        + full_scores(records, "query_agnostic")
+        + ". Query-aware: "
+        + full_scores(records, "query_aware")
+        + ".",
+        "",
+        f"kvpress rows: kvpress's own presses run in its own venv on the same samples and ratios, "
+        f"in the {' and '.join(KVPRESS_SETTINGS)} setting. AdaKV and KVzip mask evicted keys instead of "
+        "dropping them, so their `bytes / full` stays near 1 (the bytes they would hold are in the run "
+        "records as `effective_cache_bytes`); their `overhead` is the prefill time they add over a plain "
+        "prefill.",
+    ]
+    for setting in bench.settings:
+        lines += ["", f"### {setting}", "", markdown_table(records, setting)]
+        lines += ["", *[f"![{p.stem}](bench/plots/{p.name})" for p in plots if p.stem.endswith(setting)]]
+    body = "\n".join(lines)
+    print(body)
+    if args.write:
+        replace_block(ROOT / "docs" / "RESULTS.md", "bench", body)
+
+
+if __name__ == "__main__":
+    main()
