@@ -1,7 +1,8 @@
 """The kvpress bridge: ratio mapping, press table, request/result schema and the standalone worker.
 
 The fast tests never build the kvpress venv; the worker's helpers run here with torch and a tiny model.
-The slow test builds (or reuses) the venv and runs two presses on a tiny llama.
+The slow tests build (or reuse) the venv: two presses on a tiny llama, and the shared-prefill path
+against one prefill per press on SmolLM2-135M for every press.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import ast
 import importlib.util
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -20,6 +22,7 @@ from kvsqueeze.bench.kvpress_env import (
     KVPRESS_PRESSES,
     ROW_FIELDS,
     WORKER,
+    PressRecipe,
     build_job,
     check_result,
     compression_ratio_for,
@@ -58,11 +61,15 @@ def model_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def worker() -> ModuleType:
+def worker() -> Iterator[ModuleType]:
     spec = importlib.util.spec_from_file_location("kvpress_worker_under_test", WORKER)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
 
 
 # --- ratios and the press table ---------------------------------------------------------------------
@@ -103,6 +110,13 @@ def test_press_table_special_cases():
     assert adakv.cls == "AdaKVPress" and adakv.inner is not None and adakv.inner.cls == "SnapKVPress"
     assert adakv.masks and KVPRESS_PRESSES["kvzip"].masks
     assert not KVPRESS_PRESSES["snapkv"].masks
+    assert KVPRESS_PRESSES["kvzip"].share == "scores"
+    assert {r.share for n, r in KVPRESS_PRESSES.items() if n != "kvzip"} == {"prefill"}
+
+
+def test_press_recipe_rejects_unknown_share():
+    with pytest.raises(ValueError, match="share must be one of"):
+        PressRecipe("KnormPress", share="everything")
 
 
 # --- request schema ---------------------------------------------------------------------------------
@@ -118,6 +132,8 @@ def test_build_job(model_dir):
         {"keep": 0.25, "compression_ratio": 0.75},
         {"keep": 0.5, "compression_ratio": 0.5},
     ]
+    assert job["share"] is True and job["presses"]["snapkv"]["share"] == "prefill"
+    assert build_job(model_dir, [_request()], ["knorm"], [0.5], share=False)["share"] is False
 
 
 @pytest.mark.parametrize(
@@ -252,6 +268,90 @@ def test_worker_full_row_and_failing_press(worker, tiny_models):
     assert 1 <= full["new_tokens"] <= 4
     assert bogus["press"] == "bogus" and bogus["error"] and "\n" not in bogus["error"]
     assert model.config._attn_implementation == tiny_models("llama").config._attn_implementation
+    assert full["prefill_shared"] is False  # nothing rode on its prefill
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_teacher_forcing_in_one_forward_matches_token_by_token(worker, tiny_models):
+    model = tiny_models("llama")
+    run = worker.Run(model, _ByteTokenizer(chat=True))
+    context, question = torch.arange(3, 40).unsqueeze(0), torch.arange(50, 56).unsqueeze(0)
+    teacher = [7, 8, 9, 10, 11]
+    with torch.inference_mode():
+        cache, _ = run.prefill(context, None)
+        lengths = [layer.keys.shape[2] for layer in cache.layers]
+        one_forward = run.teacher_logprobs(question, cache, context.shape[1], teacher)
+        worker.truncate_cache(cache, lengths)
+        rows = [run.step(question, cache, context.shape[1])]
+        for i, token in enumerate(teacher[:-1]):
+            rows.append(run.step(torch.tensor([[token]]), cache, context.shape[1] + question.shape[1] + i))
+    stepwise = torch.log_softmax(torch.stack(rows), -1)
+    assert one_forward.shape == (len(teacher), model.config.vocab_size)
+    torch.testing.assert_close(one_forward, stepwise, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_cache_from_and_masks(worker, tiny_models):
+    """A cache rebuilt from captured tensors holds copies; masked bytes count the masked entries."""
+    model = tiny_models("llama")
+    keys = [torch.randn(1, 2, 6, 4) for _ in model.model.layers]  # (B, H_kv, T, D)
+    cache = worker.cache_from(keys, [k + 1 for k in keys])
+    assert [layer.keys.shape[2] for layer in cache.layers] == [6] * len(keys)
+    cache.layers[0].keys[0, 0, 0] = 99.0
+    assert keys[0][0, 0, 0, 0] != 99.0
+    masks = [None] * len(keys)
+    masks[1] = (torch.zeros(3, dtype=torch.long), torch.tensor([0, 1, 1]), torch.tensor([2, 3, 4]))
+    assert worker.masked_bytes(masks, cache) == 3 * 2 * 4 * 4  # 3 entries, key + value, D=4, float32
+    worker.set_masks(model, masks)
+    assert worker.module_masks(model)[1] is masks[1]
+    worker.clear_masks(model)
+    assert worker.module_masks(model) == [None] * len(keys)
+    source = torch.randn(1, 2, 6, 4)
+    assert worker.owned(source, source) is not source
+    assert worker.owned(source[:, :, :3], source) is not source  # a view shares storage: copied
+    gathered = source[:, :, [0, 2]]
+    assert worker.owned(gathered, source) is gathered
+
+
+class _FakePress:
+    """Stands in for a kvpress press in a shared pass: drops, masks, or fails."""
+
+    def __init__(self, behaviour: str) -> None:
+        self.behaviour = behaviour
+
+    def post_init_from_model(self, model) -> None:
+        pass
+
+    def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+        if self.behaviour == "fail":
+            raise ValueError("no luck")
+        if self.behaviour == "mask":  # like AdaKV: same tensors back, masks on the module
+            module.masked_key_indices = (
+                torch.zeros(2, dtype=torch.long),
+                torch.tensor([0, 1]),
+                torch.tensor([3, 4]),
+            )
+            return keys, values
+        return keys[:, :, ::2].contiguous(), values[:, :, ::2].contiguous()
+
+
+def test_capture_isolates_failures_and_copies_masked_caches(worker):
+    """A failing press only loses its own capture; a press returning the shared tensors gets copies."""
+    from types import SimpleNamespace
+
+    module = SimpleNamespace(masked_key_indices=None)
+    keys, values = torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4)  # (B, H_kv, T, D)
+    captures = [worker.Capture(_FakePress(b)) for b in ("fail", "mask", "drop")]
+    for _layer in range(2):
+        for capture in captures:
+            capture.compress(module, torch.randn(1, 8, 16), keys, values, None, {})
+        assert module.masked_key_indices is None
+    failed, masked, dropped = captures
+    assert failed.error.startswith("ValueError: no luck") and not failed.keys
+    assert masked.error is None and len(masked.keys) == 2 and masked.masks[0][2].tolist() == [3, 4]
+    assert masked.keys[0] is not keys and torch.equal(masked.keys[0], keys)
+    assert dropped.error is None and dropped.keys[1].shape == (1, 2, 4, 4) and dropped.masks == [None, None]
+    assert all(c.seconds > 0 for c in captures)
 
 
 # --- end to end (builds the kvpress venv: minutes the first time) -----------------------------------
@@ -290,3 +390,72 @@ def test_kvpress_runs_two_presses_on_a_tiny_llama(tmp_path, smollm2):
     fidelity = [r for r in rows if r["id"] == "a" and r["press"] != "full"]
     assert all(r["kl"] >= 0 and 0 <= r["top1_agreement"] <= 1 for r in fidelity)
     assert all(r["kl"] is None for r in rows if r["id"] == "b")
+
+
+def _story(sentences: int) -> str:
+    """A context of made-up facts, about 12 tokens a sentence."""
+    names = ["Alice", "Bruno", "Chen", "Dara", "Emeka", "Farah", "Goran", "Hana"]
+    colours = ["red", "blue", "green", "amber", "violet", "black", "white", "grey"]
+    return " ".join(
+        f"{names[i % 8]} keeps a {colours[(3 * i) % 8]} box in room {100 + 7 * i}." for i in range(sentences)
+    )
+
+
+@pytest.mark.slow
+def test_shared_prefill_matches_one_prefill_per_press():
+    """Prefill once, compress many gives the same rows as one kvpress prefill per press and ratio."""
+    from transformers import AutoTokenizer
+
+    from kvsqueeze.bench.kvpress_env import ensure_kvpress_env, run_kvpress
+    from kvsqueeze.models import models_cache_dir
+
+    folder = models_cache_dir() / "smollm2-135m-hf"
+    if not (folder / "config.json").exists():
+        pytest.skip(f"no SmolLM2-135M HF folder at {folder}")
+    python = ensure_kvpress_env(progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    context = _story(24)
+    request = _request(
+        id="s",
+        context=context,
+        question="What colour is the box in room 135?",
+        answer_prefix="Answer:",
+        max_new_tokens=6,
+        teacher_ids=tokenizer.encode(" The box in room 135 is violet.", add_special_tokens=False),
+    )
+    assert 250 <= len(tokenizer.encode(context)) <= 400
+    runs = {
+        share: run_kvpress(
+            folder,
+            [request],
+            presses=list(REQUIRED_PRESSES),
+            keep_ratios=[0.25, 0.5],
+            python=python,
+            timeout=1800,
+            num_threads=1,
+            share=share,
+        )["rows"]
+        for share in (False, True)
+    }
+    alone, shared = runs[False], runs[True]
+    assert [(r["press"], r["keep_ratio"]) for r in alone] == [(r["press"], r["keep_ratio"]) for r in shared]
+    # PyramidKV's uneven per-layer budgets (keep 0.5 here) break the multi-token question step under
+    # transformers 5.2's sdpa mask in both paths alike; every other row must succeed.
+    errors = [(r["press"], r["keep_ratio"]) for r in alone if "error" in r]
+    assert set(errors) <= {("pyramidkv", 0.5)}
+    for old, new in zip(alone, shared, strict=True):
+        label = f"{old['press']} keep={old['keep_ratio']}"
+        assert new.get("error") == old.get("error"), label
+        if "error" in old:
+            continue
+        assert new["prediction"] == old["prediction"], label
+        assert new["cache_bytes"] == old["cache_bytes"], label
+        assert new["effective_cache_bytes"] == old["effective_cache_bytes"], label
+        assert new["kl"] == pytest.approx(old["kl"], abs=1e-4), label
+        assert new["top1_agreement"] == old["top1_agreement"], label
+        assert old["prefill_shared"] is False
+        assert new["prefill_shared"] is True, label
+        assert new["prefill_seconds"] > 0, label
+    compressed = [r for r in shared if r["press"] != "full" and "error" not in r]
+    assert len(compressed) >= 2 * len(REQUIRED_PRESSES) - 1
+    assert all(r["effective_cache_bytes"] < r["full_cache_bytes"] for r in compressed)

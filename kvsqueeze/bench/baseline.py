@@ -101,7 +101,11 @@ def _run_group(
         num_threads=torch.get_num_threads(),
     )
     by_id = {r["id"]: s for r, s in zip(requests, samples, strict=True)}
-    full_prefill = {row["id"]: row["prefill_seconds"] for row in result["rows"] if row["press"] == "full"}
+    full_prefill = {
+        row["id"]: row["prefill_seconds"]
+        for row in result["rows"]
+        if row["press"] == "full" and not row.get("error") and row["prefill_seconds"] > 0
+    }
     groups: dict[tuple[str, float], list[dict]] = {}
     for row in result["rows"]:
         if row["press"] == "full" or row.get("error"):
@@ -136,9 +140,12 @@ def _run_group(
                 "decode_tokens_per_second": mean_of(
                     r["new_tokens"] / r["decode_seconds"] for r in rows if r["decode_seconds"]
                 ),
+                # extra prefill cost over a plain prefill; shared-prefill rows report what their own
+                # standalone prefill would cost (see kvsqueeze.bench.kvpress_env)
                 "compression_overhead": mean_of(
-                    r["prefill_seconds"] / full_prefill[r["id"]] - 1 for r in rows
+                    r["prefill_seconds"] / full_prefill[r["id"]] - 1 for r in rows if r["id"] in full_prefill
                 ),
+                "prefill_shared": any(r.get("prefill_shared") for r in rows),
                 "errors": [],
             }
         )

@@ -18,9 +18,21 @@ Result rows carry ``ROW_FIELDS``: ``prefill_seconds`` covers the context prefill
 ``cache_bytes`` the key and value tensors right after compression, ``kl`` / ``top1_agreement`` compare
 teacher-forced next-token distributions with the uncompressed run (``None`` without ``teacher_ids``).
 Extra fields: ``context_tokens``, ``effective_cache_bytes`` (minus masked entries), ``teacher_agreement``
-(argmax equals the teacher token) and, for presses that mask instead of dropping (AdaKV, KVzip), a
-``note``: their ``cache_bytes`` stay those of the full cache. A failing press gives a row with
-``error`` (and only ``id``, ``press``, ``keep_ratio``, ``full_cache_bytes``).
+(argmax equals the teacher token), ``prefill_shared`` (see below) and, for presses that mask instead of
+dropping (AdaKV, KVzip), a ``note``: their ``cache_bytes`` stay those of the full cache. A failing press
+gives a row with ``error`` (and only ``id``, ``press``, ``keep_ratio``, ``full_cache_bytes``).
+
+Prefill once, compress many (the job's ``share``, on by default; each recipe's ``share`` says how):
+kvpress presses compress in a hook after each layer's attention, so the prefill's hidden states are
+the same whatever the press. Presses with ``share="prefill"`` (whose class keeps kvpress's stock hook)
+are all fed by one prefill per attention implementation, the full row's own for the default one; their
+``prefill_seconds`` is that pass's time without the compress calls plus their own compress calls, i.e.
+what their standalone prefill costs, and the full row's is the pass without any compress calls.
+``share="scores"`` (KVzip) scores once through the press's own context manager and re-prunes those
+ratio-free scores per keep ratio; all its rows report the one real run's ``prefill_seconds`` (the
+scoring passes dominate, pruning is a top-k). Rows whose prefill served other rows too (the full row's
+included) say ``"prefill_shared": true``, the others ``false``. With ``share=False`` every (press,
+ratio) gets its own prefill, as kvpress's pipeline would run it.
 """
 
 from __future__ import annotations
@@ -44,6 +56,7 @@ WORKER = Path(__file__).with_name("kvpress_worker.py")
 MARKER = "kvsqueeze-kvpress.json"
 SETTINGS = ("query_agnostic", "query_aware")
 SEPARATOR = "\n\n"  # between context and question, in both settings
+SHARE_MODES = ("prefill", "scores", None)
 
 
 @dataclass(frozen=True)
@@ -53,6 +66,12 @@ class PressRecipe:
     With ``inner``, ``cls`` wraps the inner press (``cls(press=inner, **kwargs)``) and the ratio goes to
     the inner one. ``attn_implementation`` is switched to for this press only. ``masks`` marks presses
     that mask evicted keys instead of dropping them: their cache tensors keep full size.
+
+    ``share`` says what the worker may run once for several presses and ratios: ``"prefill"`` (the
+    default) lets the press ride on a prefill shared with the other such presses, provided its class
+    uses kvpress's stock ``BasePress`` hook (the worker checks, and runs it alone otherwise);
+    ``"scores"`` runs the press once and re-prunes its ratio-free ``score_val`` per ratio with
+    ``compress_post`` (KVzip); ``None`` gives every ratio its own prefill.
     """
 
     cls: str
@@ -60,6 +79,11 @@ class PressRecipe:
     inner: PressRecipe | None = None
     attn_implementation: str | None = None
     masks: bool = False
+    share: str | None = "prefill"
+
+    def __post_init__(self) -> None:
+        if self.share not in SHARE_MODES:
+            raise ValueError(f"share must be one of {SHARE_MODES}, got {self.share!r}")
 
     def to_json(self) -> dict[str, Any]:
         """The recipe as plain JSON data (what the worker reads)."""
@@ -76,7 +100,8 @@ KVPRESS_PRESSES: dict[str, PressRecipe] = {
     "observed_attention": PressRecipe("ObservedAttentionPress", attn_implementation="eager"),
     "pyramidkv": PressRecipe("PyramidKVPress"),
     "adakv_snapkv": PressRecipe("AdaKVPress", inner=PressRecipe("SnapKVPress"), masks=True),
-    "kvzip": PressRecipe("KVzipPress", masks=True),
+    # Scores by replaying the context (2-3 prefills); only compress_post depends on the ratio.
+    "kvzip": PressRecipe("KVzipPress", masks=True, share="scores"),
 }
 
 REQUEST_FIELDS: dict[str, type] = {
@@ -226,8 +251,9 @@ def build_job(
     presses: list[str],
     keep_ratios: list[float],
     num_threads: int | None = None,
+    share: bool = True,
 ) -> dict[str, Any]:
-    """The request JSON the worker reads (validated)."""
+    """The request JSON the worker reads (validated); ``share=False`` gives every press its own prefill."""
     unknown = [p for p in presses if p not in KVPRESS_PRESSES]
     if unknown:
         raise ValueError(f"unknown kvpress press {unknown[0]!r}; choose from {', '.join(KVPRESS_PRESSES)}")
@@ -249,6 +275,7 @@ def build_job(
         "ratios": [{"keep": float(k), "compression_ratio": compression_ratio_for(k)} for k in keep_ratios],
         "separator": SEPARATOR,
         "num_threads": num_threads,
+        "share": bool(share),
     }
 
 
@@ -277,6 +304,7 @@ def run_kvpress(
     timeout: float | None = None,
     progress: bool = False,
     num_threads: int | None = None,
+    share: bool = True,
 ) -> dict[str, Any]:
     """Run kvpress ``presses`` at ``keep_ratios`` on ``requests`` with the HF model in ``model_dir``.
 
@@ -286,9 +314,10 @@ def run_kvpress(
     request and a row per (request, press, keep ratio); a press that fails gives a row with ``error``.
     ``python`` is the kvpress venv's interpreter (default: :func:`ensure_kvpress_env`); ``progress``
     lets the worker's per-press log lines through to stderr; ``num_threads`` sets torch's CPU threads
-    in the worker (match the kvsqueeze side for fair timings).
+    in the worker (match the kvsqueeze side for fair timings); ``share=False`` turns prefill sharing
+    off (one prefill per press and ratio, see the module docstring).
     """
-    job = build_job(model_dir, requests, presses, keep_ratios, num_threads)
+    job = build_job(model_dir, requests, presses, keep_ratios, num_threads, share)
     python = Path(python) if python is not None else ensure_kvpress_env(progress=progress)
     with tempfile.TemporaryDirectory(prefix="kvpress-") as tmp:
         request_file, result_file = Path(tmp) / "request.json", Path(tmp) / "result.json"
