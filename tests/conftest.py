@@ -11,7 +11,26 @@ import torch
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 ARCHS = ("llama", "qwen2", "mistral", "gemma3_text")
-METHOD_NAMES = ("full", "streaming_llm", "snapkv", "pyramidkv", "h2o", "knorm", "random")
+METHOD_NAMES = (
+    "full",
+    "streaming_llm",
+    "snapkv",
+    "pyramidkv",
+    "h2o",
+    "knorm",
+    "random",
+    "adakv",
+    "mass",
+)
+# Observation windows small enough for the tiny prompts of the compression tests.
+SMALL_WINDOW = {
+    "snapkv": {"window": 8},
+    "pyramidkv": {"window": 8},
+    "adakv": {"window": 8},
+    "mass": {"window": 8},
+}
+# What makes a method keep everything when the budget covers the whole sequence (mass sizes itself).
+LOSSLESS = {"mass": {"p": 1.0}}
 
 
 @pytest.fixture(scope="session")

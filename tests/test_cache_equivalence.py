@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import left_padded_batch
+from conftest import SMALL_WINDOW, left_padded_batch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache
@@ -44,12 +44,14 @@ def test_reset_clears_state_between_sequences():
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
-@pytest.mark.parametrize("method", ["snapkv", "pyramidkv", "h2o", "streaming_llm", "knorm", "random"])
+@pytest.mark.parametrize(
+    "method", ["snapkv", "pyramidkv", "h2o", "streaming_llm", "knorm", "random", "adakv", "mass"]
+)
 def test_fork_equals_a_live_run(tiny_models, arch, method):
     """Prefill once, compress many: a fork of a recorded full cache equals the method run during prefill."""
     model = tiny_models(arch)
     ids, mask = left_padded_batch([90, 70], seed=9)
-    params = {"window": 8} if method in ("snapkv", "pyramidkv") else {}
+    params = SMALL_WINDOW.get(method, {})
     source = SqueezeCache(model, "full", record_prefill=True)
     live = SqueezeCache(model, method, 0.3, **params)
     with torch.inference_mode():

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHS, METHOD_NAMES, left_padded_batch, squeeze_generate, stock_generate
+from conftest import (
+    ARCHS,
+    LOSSLESS,
+    METHOD_NAMES,
+    left_padded_batch,
+    squeeze_generate,
+    stock_generate,
+)
 
 from kvsqueeze import SqueezeCache
 
@@ -17,7 +24,7 @@ def test_single_sequence_matches_dynamic_cache(tiny_models, arch, method):
     model = tiny_models(arch)
     ids, _ = left_padded_batch([48], seed=1)
     expected = stock_generate(model, ids, max_new_tokens=NEW)
-    cache = SqueezeCache(model, method, budget=48 + NEW)
+    cache = SqueezeCache(model, method, budget=48 + NEW, **LOSSLESS.get(method, {}))
     assert torch.equal(squeeze_generate(model, cache, ids, max_new_tokens=NEW), expected)
 
 
@@ -27,7 +34,7 @@ def test_left_padded_batch_matches_dynamic_cache(tiny_models, arch, method):
     model = tiny_models(arch)
     ids, mask = left_padded_batch([40, 23, 31], seed=2)
     expected = stock_generate(model, ids, mask, max_new_tokens=NEW)
-    cache = SqueezeCache(model, method, budget=40 + NEW)
+    cache = SqueezeCache(model, method, budget=40 + NEW, **LOSSLESS.get(method, {}))
     assert torch.equal(squeeze_generate(model, cache, ids, mask, max_new_tokens=NEW), expected)
     # padding is never kept: each sequence stores exactly its own tokens
     rows = cache.stored_rows()[-1]  # (B, H_kv) of the last layer (full attention in every tiny model)
@@ -55,7 +62,7 @@ def test_smollm2_matches_dynamic_cache(smollm2, method):
 
     enc = encode_prompts(tokenizer, prompts)
     expected = stock_generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=NEW)
-    cache = SqueezeCache(model, method, budget=enc["input_ids"].shape[1] + NEW)
+    cache = SqueezeCache(model, method, budget=enc["input_ids"].shape[1] + NEW, **LOSSLESS.get(method, {}))
     got = squeeze_generate(model, cache, enc["input_ids"], enc["attention_mask"], max_new_tokens=NEW)
     assert torch.equal(got, expected)
     single = encode_prompts(tokenizer, prompts[:1])

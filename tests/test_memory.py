@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import METHOD_NAMES, left_padded_batch
+from conftest import METHOD_NAMES, SMALL_WINDOW, left_padded_batch
 from transformers import DynamicCache
 
 from kvsqueeze import SqueezeCache
@@ -36,8 +36,7 @@ def full_bytes(model64):
 @pytest.mark.parametrize("method", [m for m in METHOD_NAMES if m != "full"])
 def test_stored_bytes_follow_the_ratio(model64, full_bytes, method, ratio):
     ids, _ = left_padded_batch([PROMPT], seed=7)
-    params = {"window": 8} if method == "snapkv" else {}
-    cache = SqueezeCache(model64, method, budget=ratio, **params)
+    cache = SqueezeCache(model64, method, budget=ratio, **SMALL_WINDOW.get(method, {}))
     with torch.inference_mode():
         model64(ids, cache=cache)
     stored = cache.nbytes()  # keys, values, positions and scorer state, from the tensors

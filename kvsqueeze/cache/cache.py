@@ -121,6 +121,21 @@ class SqueezeCache(Cache):
         """Rows kept per layer, sequence and KV head, (N_layers, B, H_kv)."""
         return torch.stack([layer.rows.lengths.view(layer.batch_size, -1) for layer in self.layers])
 
+    def kept_ratio(self) -> torch.Tensor:
+        """Share of the rows a full cache would hold that each sequence keeps, over all layers, (B,).
+
+        The effective ratio of adaptive methods (``mass`` sizes itself); sliding-window layers count
+        against the window they would hold anyway.
+        """
+        kept, full = 0, 0
+        for layer in self.layers:
+            seen = layer.tokens_seen()  # (B,)
+            if layer.sliding_window is not None:
+                seen = seen.clamp(max=layer.sliding_window)
+            kept = kept + layer.rows.lengths.view(layer.batch_size, -1).sum(-1)
+            full = full + seen * layer.num_kv_heads
+        return kept / full
+
     def compression_seconds(self) -> float:
         """Time spent scoring and selecting so far."""
         return sum(layer.compression_seconds for layer in self.layers)

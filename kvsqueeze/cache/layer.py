@@ -66,6 +66,7 @@ class SqueezeLayer(CacheLayerMixin):
         self.num_kv_heads = 0
         self.head_dim = 0
         self.prompt_lengths: torch.Tensor | None = None  # (B,) real prompt tokens
+        self.prompt_end = 0  # `seen` right after the prompt (its padded length)
         self.layer_budget: torch.Tensor | None = None  # (B,) rows this layer may keep
         self.protected_recent: torch.Tensor | None = None  # (B,) rows always kept at the end
         self.compression_seconds = 0.0
@@ -171,6 +172,10 @@ class SqueezeLayer(CacheLayerMixin):
         """Bytes of the stored keys and values alone."""
         return 0 if self.rows is None else self.rows.nbytes(KV_FIELDS)
 
+    def tokens_seen(self) -> torch.Tensor:
+        """Real tokens each sequence has seen (prompt without padding, plus decoded ones), (B,)."""
+        return self.prompt_lengths + (self.seen - self.prompt_end)
+
     def kept_positions(self) -> list[list[list[int]]]:
         """Absolute positions kept, per sequence and KV head: ``[b][h] -> [pos, ...]`` (for tests and tools)."""
         if self.rows is None:
@@ -207,6 +212,7 @@ class SqueezeLayer(CacheLayerMixin):
             self._drop_new_rows(~query_valid)
         if is_prefill:
             self.prompt_lengths = query_valid.sum(-1)
+            self.prompt_end = self.seen
         window = sliding_window if sliding_window is not None else self.sliding_window
         obs = self._observe(query, query_valid, position_ids, scaling, window, is_prefill)
         output = self._attention_output(module, obs, dropout)
@@ -234,7 +240,7 @@ class SqueezeLayer(CacheLayerMixin):
         self.rows = source.rows.clone()
         if self.components.scorer is not None and self.components.scorer.stateful:
             self.rows.fields.setdefault("score", torch.zeros(self.rows.num_rows, device=self.device))
-        self.seen = source.seen
+        self.seen, self.prompt_end = source.seen, source.prompt_end
         self.prompt_lengths = source.prompt_lengths.clone()
         self._compress(dataclasses.replace(rec, **self._stored_rows()))
 
@@ -303,17 +309,19 @@ class SqueezeLayer(CacheLayerMixin):
                 [comp.protected_recent(int(n)) for n in self.layer_budget.tolist()], device=obs.keys.device
             )
         lengths = self.rows.lengths.view(obs.batch_size, -1)
-        over_budget = bool((lengths > self.layer_budget[:, None]).any())
-        if not (over_budget or comp.scorer.stateful):
+        select = bool((lengths > self.layer_budget[:, None]).any()) or (
+            obs.is_prefill and comp.heads.sizes_itself
+        )
+        if not (select or comp.scorer.stateful):
             return  # nothing to evict, and no running score to keep up to date
         state = self.rows.padded("score").view(obs.key_positions.shape) if comp.scorer.stateful else None
         scores = comp.scorer.score(obs, state)  # (B, H_kv, T) fp32
         if comp.scorer.stateful:
             self.rows.update_field("score", scores.reshape(-1, scores.shape[-1]))
-        if over_budget:
+        if select:
             protected = protected_rows(obs.key_positions, obs.key_valid, self.protected_recent, comp.sinks)
-            counts = self.layer_budget[:, None].expand_as(lengths)
-            keep = select_rows(scores, obs.key_valid, protected, counts)
+            counts = comp.heads.head_counts(scores, obs.key_valid & ~protected, protected, self.layer_budget)
+            keep = select_rows(scores, obs.key_valid, protected, counts)  # (B * H_kv, T)
             comp.action.apply(self.rows, obs, scores, keep)
         self.compression_seconds += time.perf_counter() - start
 

@@ -16,6 +16,7 @@ from typing import ClassVar
 from kvsqueeze.actions.base import Action
 from kvsqueeze.actions.evict import Evict
 from kvsqueeze.allocators.base import Allocator
+from kvsqueeze.allocators.heads import HeadAllocator, UniformHeads
 from kvsqueeze.scorers.base import Scorer
 
 
@@ -29,11 +30,16 @@ class Schedule(StrEnum):
 
 @dataclass(frozen=True)
 class Components:
-    """The four choices of a method, plus the rows it always protects."""
+    """The four choices of a method, plus the rows it always protects.
+
+    ``allocator`` sizes each layer; ``heads`` splits a layer's size over its KV heads (uniform by default,
+    or adaptive: Ada-KV, mass).
+    """
 
     scorer: Scorer | None
     allocator: Allocator | None
     action: Action = field(default_factory=Evict)
+    heads: HeadAllocator = field(default_factory=UniformHeads)
     schedule: Schedule = Schedule.PREFILL
     window: int = 0  # the last `window` rows are always kept
     sinks: int = 0  # rows at positions < sinks are always kept
