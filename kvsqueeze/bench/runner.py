@@ -17,6 +17,7 @@ skipped, so an interrupted benchmark resumes where it stopped.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import resource
 import time
@@ -198,7 +199,7 @@ def run_sample(
         cache = source.fork(method, budget)
         compression = cache.compression_seconds()  # scoring + selection only, not the fork's copy
         stored, full_bytes = cache.nbytes(), cache.full_nbytes()  # the compressed context, as kvpress reports
-        answer_cache = source.fork(method, budget)
+        answer_cache = copy.deepcopy(cache)  # the same compressed rows; scoring again would be wasted
         tokens, rate = _greedy(model, answer_cache, encoded.followup_ids, max_new_tokens, eos)
         raw = tokenizer.decode(tokens, skip_special_tokens=True)
         prediction = postprocess(raw, sample.answer_prefix)
