@@ -21,6 +21,7 @@ METHOD_NAMES = (
     "random",
     "adakv",
     "mass",
+    "cake",
 )
 # Observation windows small enough for the tiny prompts of the compression tests.
 SMALL_WINDOW = {
@@ -28,6 +29,7 @@ SMALL_WINDOW = {
     "pyramidkv": {"window": 8},
     "adakv": {"window": 8},
     "mass": {"window": 8},
+    "cake": {"window": 8},
 }
 # What makes a method keep everything when the budget covers the whole sequence (mass sizes itself).
 LOSSLESS = {"mass": {"p": 1.0}}

@@ -20,7 +20,7 @@ def reference_cos_sin(position: int, head_dim: int, theta: float) -> tuple[torch
     return emb.cos().float(), emb.sin().float()
 
 
-@pytest.mark.parametrize("method", ["h2o", "snapkv", "streaming_llm", "pyramidkv", "adakv", "mass"])
+@pytest.mark.parametrize("method", ["h2o", "snapkv", "streaming_llm", "pyramidkv", "adakv", "mass", "cake"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_new_tokens_get_their_original_positions(tiny_models, arch, method):
     model = tiny_models(arch)
@@ -34,7 +34,7 @@ def test_new_tokens_get_their_original_positions(tiny_models, arch, method):
 
     handle = model.model.layers[0].self_attn.register_forward_pre_hook(capture, with_kwargs=True)
     try:
-        window = {"window": 4} if method in ("snapkv", "pyramidkv", "adakv", "mass") else {}
+        window = {"window": 4} if method in ("snapkv", "pyramidkv", "adakv", "mass", "cake") else {}
         cache = SqueezeCache(model, method, budget=0.25, **window)
         model.generate(
             ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, cache=cache, pad_token_id=0

@@ -31,7 +31,7 @@ class Action(ABC):
     def apply(
         self,
         rows: PackedRows,
-        obs: Observation,
+        obs: Observation | None,  # None when a layer is resized later, without its queries
         scores: torch.Tensor,  # (B, H_kv, T) fp32
         keep: torch.Tensor,  # (B * H_kv, T) bool: the rows that stay at full fidelity
     ) -> None:

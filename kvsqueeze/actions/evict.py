@@ -23,7 +23,7 @@ class Evict(Action):
     def apply(
         self,
         rows: PackedRows,
-        obs: Observation,
+        obs: Observation | None,
         scores: torch.Tensor,
         keep: torch.Tensor,
     ) -> None:

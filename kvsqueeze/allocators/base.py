@@ -12,6 +12,8 @@ from typing import ClassVar
 
 import torch
 
+from kvsqueeze.attention.observation import Observation
+
 
 @dataclass(frozen=True)
 class LayerRequest:
@@ -25,10 +27,24 @@ class LayerRequest:
 
 
 class Allocator(ABC):
-    """Base class: subclasses implement :meth:`layer_budget`."""
+    """Base class: subclasses implement :meth:`layer_budget`.
+
+    Allocators that size layers against each other (CAKE, D2O, PrefixKV) set ``uses_statistics`` and
+    implement :meth:`layer_statistic` and :meth:`plan`: each layer measures its statistic on the prompt,
+    and the plan returns the budgets of the layers to (re)size now.
+    """
 
     name: ClassVar[str] = "allocator"
+    uses_statistics: ClassVar[bool] = False
 
     @abstractmethod
     def layer_budget(self, request: LayerRequest) -> torch.Tensor:
         """Rows to keep per sequence in this layer, (B,) long (window included)."""
+
+    def layer_statistic(self, obs: Observation) -> torch.Tensor:
+        """A layer's prompt statistic, e.g. (B,) (allocators with ``uses_statistics`` only)."""
+        raise ValueError(f"the {self.name} allocator measures no layer statistic")
+
+    def plan(self, statistics: list[torch.Tensor], request: LayerRequest) -> dict[int, torch.Tensor]:
+        """Budgets (B,) by layer index, from the statistics of layers ``0..request.layer_idx``."""
+        return {request.layer_idx: self.layer_budget(request)}

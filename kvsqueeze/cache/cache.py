@@ -18,6 +18,7 @@ from transformers.cache_utils import Cache
 
 from kvsqueeze.attention.interface import enable
 from kvsqueeze.cache.budget import Budget
+from kvsqueeze.cache.group import LayerGroup
 from kvsqueeze.cache.layer import SqueezeLayer
 from kvsqueeze.methods import Method, get_method
 
@@ -79,6 +80,9 @@ class SqueezeCache(Cache):
             for i in range(n)
         ]
         super().__init__(layers=layers)
+        self.group = LayerGroup(layers)
+        for layer in layers:
+            layer.group = self.group
 
     def fork(
         self, method: str | Method = "full", budget: float | int | str | Budget = 1.0, **params: Any
@@ -135,6 +139,15 @@ class SqueezeCache(Cache):
             kept = kept + layer.rows.lengths.view(layer.batch_size, -1).sum(-1)
             full = full + seen * layer.num_kv_heads
         return kept / full
+
+    def reset(self) -> None:
+        """Empty every layer and forget the prompt statistics, for the next generation."""
+        super().reset()
+        self.group.reset()
+
+    def peak_nbytes(self) -> int:
+        """The most bytes this cache held at any moment so far (after any append or compression)."""
+        return self.group.peak_nbytes
 
     def compression_seconds(self) -> float:
         """Time spent scoring and selecting so far."""

@@ -27,6 +27,7 @@ from kvsqueeze.attention.binding import bind
 from kvsqueeze.attention.masks import attention_mask_for
 from kvsqueeze.attention.observation import Observation
 from kvsqueeze.cache.budget import Budget
+from kvsqueeze.cache.group import LayerGroup
 from kvsqueeze.cache.packed import PackedRows
 from kvsqueeze.methods.base import Components, Schedule
 
@@ -57,6 +58,14 @@ class SqueezeLayer(CacheLayerMixin):
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
         self.record_prefill = record_prefill
+        self.group: LayerGroup | None = None  # set by the cache: the sibling layers
+        scorer = components.scorer
+        # a score per row: the running score of stateful scorers, or the prompt scores cross-layer
+        # allocators resize with later
+        allocator = components.allocator
+        self.keeps_scores = scorer is not None and (
+            scorer.stateful or (allocator is not None and allocator.uses_statistics)
+        )
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -96,10 +105,12 @@ class SqueezeLayer(CacheLayerMixin):
             "values": value_states.reshape(b * h, q, d),
             "positions": positions[:, None, :].expand(b, h, q).reshape(b * h, q).to(torch.int32),
         }
-        if self.components.scorer is not None and self.components.scorer.stateful:
+        if self.keeps_scores:
             new["score"] = torch.zeros(b * h, q, dtype=torch.float32, device=key_states.device)
         self.rows.append(new)
         self.seen += q
+        if self.group is not None:
+            self.group.note_size()
         keys, values = self.keys, self.values
         bind(keys, self)
         return keys, values
@@ -238,7 +249,7 @@ class SqueezeLayer(CacheLayerMixin):
         rec = source.recorded
         self.lazy_initialization(rec.keys, rec.values)
         self.rows = source.rows.clone()
-        if self.components.scorer is not None and self.components.scorer.stateful:
+        if self.keeps_scores:
             self.rows.fields.setdefault("score", torch.zeros(self.rows.num_rows, device=self.device))
         self.seen, self.prompt_end = source.seen, source.prompt_end
         self.prompt_lengths = source.prompt_lengths.clone()
@@ -303,11 +314,19 @@ class SqueezeLayer(CacheLayerMixin):
         if not obs.is_prefill and comp.schedule is not Schedule.EVERY_STEP:
             return
         start = time.perf_counter()
-        if obs.is_prefill:
-            self.layer_budget = self._allocate()
-            self.protected_recent = torch.tensor(
-                [comp.protected_recent(int(n)) for n in self.layer_budget.tolist()], device=obs.keys.device
-            )
+        if obs.is_prefill and comp.allocator.uses_statistics:
+            self._plan_across_layers(obs)
+        else:
+            if obs.is_prefill:
+                self._set_budget(comp.allocator.layer_budget(self._request()))
+            self._score_and_select(obs)
+        self.compression_seconds += time.perf_counter() - start
+        if self.group is not None:
+            self.group.note_size()
+
+    def _score_and_select(self, obs: Observation) -> None:
+        """Score the stored rows (keeping a running score up to date) and evict down to the budget."""
+        comp = self.components
         lengths = self.rows.lengths.view(obs.batch_size, -1)
         select = bool((lengths > self.layer_budget[:, None]).any()) or (
             obs.is_prefill and comp.heads.sizes_itself
@@ -319,14 +338,55 @@ class SqueezeLayer(CacheLayerMixin):
         if comp.scorer.stateful:
             self.rows.update_field("score", scores.reshape(-1, scores.shape[-1]))
         if select:
-            protected = protected_rows(obs.key_positions, obs.key_valid, self.protected_recent, comp.sinks)
-            counts = comp.heads.head_counts(scores, obs.key_valid & ~protected, protected, self.layer_budget)
-            keep = select_rows(scores, obs.key_valid, protected, counts)  # (B * H_kv, T)
-            comp.action.apply(self.rows, obs, scores, keep)
-        self.compression_seconds += time.perf_counter() - start
+            self._select(scores, obs.key_positions, obs.key_valid, obs)
 
-    def _allocate(self) -> torch.Tensor:
-        """Rows this layer keeps per sequence, (B,), from the budget and the allocator."""
+    def _select(
+        self,
+        scores: torch.Tensor,  # (B, H_kv, T) fp32
+        key_positions: torch.Tensor,  # (B, H_kv, T)
+        key_valid: torch.Tensor,  # (B, H_kv, T) bool
+        obs: Observation | None,
+    ) -> None:
+        """Split the layer budget over heads, choose the rows, and let the action free the others."""
+        comp = self.components
+        protected = protected_rows(key_positions, key_valid, self.protected_recent, comp.sinks)
+        counts = comp.heads.head_counts(scores, key_valid & ~protected, protected, self.layer_budget)
+        keep = select_rows(scores, key_valid, protected, counts)  # (B * H_kv, T)
+        comp.action.apply(self.rows, obs, scores, keep)
+
+    def _plan_across_layers(self, obs: Observation) -> None:
+        """Cross-layer allocators: score this layer's prompt, record its statistic, resize the layers.
+
+        The scores are stored beside the rows so that a later layer's plan can shrink this one again
+        (CAKE's cascade) without its queries.
+        """
+        comp = self.components
+        scores = comp.scorer.score(obs, None)  # (B, H_kv, T) fp32
+        self.rows.update_field("score", scores.reshape(-1, scores.shape[-1]))
+        statistics = self.group.record(self.layer_idx, comp.allocator.layer_statistic(obs))
+        self._set_budget(self.rows.lengths.view(obs.batch_size, -1).amax(-1))  # until planned
+        for idx, budget in comp.allocator.plan(statistics, self._request()).items():
+            self.group.layers[idx].resize(budget)
+
+    def resize(self, budget: torch.Tensor) -> None:
+        """Keep at most ``budget`` (B,) rows per head, chosen by the scores stored at prefill."""
+        self._set_budget(budget)
+        b, h, t = self.batch_size, self.num_kv_heads, self.rows.max_length
+        if not bool((self.rows.lengths.view(b, h) > budget[:, None]).any()):
+            return
+        stored = self._stored_rows()
+        scores = self.rows.padded("score").view(b, h, t)
+        self._select(scores, stored["key_positions"], stored["key_valid"], None)
+
+    def _set_budget(self, budget: torch.Tensor) -> None:
+        """This layer's rows per head (B,) and the recent rows it protects."""
+        self.layer_budget = budget
+        self.protected_recent = torch.tensor(
+            [self.components.protected_recent(int(n)) for n in budget.tolist()], device=budget.device
+        )
+
+    def _request(self) -> LayerRequest:
+        """What the allocator knows about this layer; a one-line error for a budget below the method's floor."""
         comp = self.components
         average = self.budget.resolve(self.prompt_lengths)
         too_small = average < comp.min_budget()
@@ -335,8 +395,7 @@ class SqueezeLayer(CacheLayerMixin):
                 f"budget of {int(average[too_small][0])} tokens is too small for this method: it always keeps "
                 f"{comp.sinks} sink(s) and a window of {comp.window}; use a budget of at least {comp.min_budget()}"
             )
-        request = LayerRequest(self.layer_idx, self.num_layers, average, self.prompt_lengths, comp.window)
-        return comp.allocator.layer_budget(request)
+        return LayerRequest(self.layer_idx, self.num_layers, average, self.prompt_lengths, comp.window)
 
     def _trim_sliding_window(self, obs: Observation, window: int) -> bool:
         """Free rows that no future query of a sliding-window layer can see; True if any was freed."""

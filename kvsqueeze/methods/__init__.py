@@ -2,6 +2,7 @@
 
 from kvsqueeze.methods import (  # noqa: F401
     adakv,
+    cake,
     full,
     h2o,
     knorm,
@@ -13,6 +14,7 @@ from kvsqueeze.methods import (  # noqa: F401
 )
 from kvsqueeze.methods.adakv import AdaKV
 from kvsqueeze.methods.base import METHODS, Components, Method, Schedule, get_method, register
+from kvsqueeze.methods.cake import Cake
 from kvsqueeze.methods.full import Full
 from kvsqueeze.methods.h2o import H2O
 from kvsqueeze.methods.knorm import Knorm
@@ -25,6 +27,7 @@ from kvsqueeze.methods.streaming_llm import StreamingLLM
 __all__ = [
     "H2O",
     "AdaKV",
+    "Cake",
     "Mass",
     "Knorm",
     "METHODS",
