@@ -22,6 +22,7 @@ METHOD_NAMES = (
     "adakv",
     "mass",
     "cake",
+    "prefixkv",
 )
 # Observation windows small enough for the tiny prompts of the compression tests.
 SMALL_WINDOW = {

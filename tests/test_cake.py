@@ -65,7 +65,7 @@ def test_layer_preference_is_entropy_and_variance(tau):
     entropy = -(prefix * torch.log(prefix + 1e-10)).sum(dim=(1, 2, 3))
     shift = prefix.var(2, unbiased=True).sum(dim=(1, 2))
     expected = entropy ** (1 / tau[0]) * shift ** (1 / tau[1])
-    got = CakeAllocator(window=W, tau1=tau[0], tau2=tau[1]).layer_statistic(obs)
+    got = CakeAllocator(window=W, tau1=tau[0], tau2=tau[1]).layer_statistic(obs, None)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=0)
 
 

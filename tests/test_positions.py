@@ -20,7 +20,9 @@ def reference_cos_sin(position: int, head_dim: int, theta: float) -> tuple[torch
     return emb.cos().float(), emb.sin().float()
 
 
-@pytest.mark.parametrize("method", ["h2o", "snapkv", "streaming_llm", "pyramidkv", "adakv", "mass", "cake"])
+@pytest.mark.parametrize(
+    "method", ["h2o", "snapkv", "streaming_llm", "pyramidkv", "adakv", "mass", "cake", "prefixkv"]
+)
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_new_tokens_get_their_original_positions(tiny_models, arch, method):
     model = tiny_models(arch)

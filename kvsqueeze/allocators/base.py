@@ -41,8 +41,15 @@ class Allocator(ABC):
     def layer_budget(self, request: LayerRequest) -> torch.Tensor:
         """Rows to keep per sequence in this layer, (B,) long (window included)."""
 
-    def layer_statistic(self, obs: Observation) -> torch.Tensor:
-        """A layer's prompt statistic, e.g. (B,) (allocators with ``uses_statistics`` only)."""
+    def decode_budget(
+        self, prefill_budget: torch.Tensor, prompt_lengths: torch.Tensor, tokens_seen: torch.Tensor
+    ) -> torch.Tensor:
+        """Rows per head (B,) a layer may hold while decoding; by default what it kept of the prompt."""
+        return prefill_budget
+
+    def layer_statistic(self, obs: Observation, scores: torch.Tensor) -> torch.Tensor:
+        """A layer's prompt statistic from its attention call and its row scores (B, H_kv, T), e.g. (B,)
+        (allocators with ``uses_statistics`` only)."""
         raise ValueError(f"the {self.name} allocator measures no layer statistic")
 
     def plan(self, statistics: list[torch.Tensor], request: LayerRequest) -> dict[int, torch.Tensor]:

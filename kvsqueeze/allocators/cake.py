@@ -67,7 +67,7 @@ class CakeAllocator(Allocator):
     def layer_budget(self, request: LayerRequest) -> torch.Tensor:
         return request.budget.clone()
 
-    def layer_statistic(self, obs: Observation) -> torch.Tensor:
+    def layer_statistic(self, obs: Observation, scores: torch.Tensor) -> torch.Tensor:
         """The layer's preference ``H^(1/tau1) * V^(1/tau2)`` per sequence, (B,) fp32."""
         probs, count = window_probabilities(obs, self.window)  # (B, H_kv, g, w, T)
         first = obs.query_positions[:, obs.last_queries(self.window)]  # (B,) first window query

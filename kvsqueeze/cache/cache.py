@@ -65,12 +65,11 @@ class SqueezeCache(Cache):
         self.budget = Budget.parse(budget)
         self.config = text
         self._model_config = config
-        components = self.method.components()
         layer_types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
         n = text.num_hidden_layers
         layers = [
             SqueezeLayer(
-                components,
+                self.method.components(),  # one set per layer: scorers and actions may keep layer state
                 self.budget,
                 layer_idx=i,
                 num_layers=n,
@@ -141,9 +140,11 @@ class SqueezeCache(Cache):
         return kept / full
 
     def reset(self) -> None:
-        """Empty every layer and forget the prompt statistics, for the next generation."""
+        """Empty every layer and forget the prompt statistics and layer state, for the next generation."""
         super().reset()
         self.group.reset()
+        for layer in self.layers:
+            layer.components = self.method.components()
 
     def peak_nbytes(self) -> int:
         """The most bytes this cache held at any moment so far (after any append or compression)."""

@@ -76,7 +76,8 @@ class SqueezeLayer(CacheLayerMixin):
         self.head_dim = 0
         self.prompt_lengths: torch.Tensor | None = None  # (B,) real prompt tokens
         self.prompt_end = 0  # `seen` right after the prompt (its padded length)
-        self.layer_budget: torch.Tensor | None = None  # (B,) rows this layer may keep
+        self.layer_budget: torch.Tensor | None = None  # (B,) rows this layer may keep now
+        self.prefill_budget: torch.Tensor | None = None  # (B,) rows it kept of the prompt
         self.protected_recent: torch.Tensor | None = None  # (B,) rows always kept at the end
         self.compression_seconds = 0.0
         self.recorded: Observation | None = None  # the prompt's queries, when recording (see `adopt_prefill`)
@@ -159,7 +160,7 @@ class SqueezeLayer(CacheLayerMixin):
         h = self.num_kv_heads
         segments = (indices.to(self.rows.lengths.device)[:, None] * h + torch.arange(h)).reshape(-1)
         self.rows.select_segments(segments)
-        for name in ("prompt_lengths", "layer_budget", "protected_recent"):
+        for name in ("prompt_lengths", "layer_budget", "prefill_budget", "protected_recent"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value[indices])
@@ -319,6 +320,10 @@ class SqueezeLayer(CacheLayerMixin):
         else:
             if obs.is_prefill:
                 self._set_budget(comp.allocator.layer_budget(self._request()))
+            else:
+                self.layer_budget = comp.allocator.decode_budget(
+                    self.prefill_budget, self.prompt_lengths, self.tokens_seen()
+                )
             self._score_and_select(obs)
         self.compression_seconds += time.perf_counter() - start
         if self.group is not None:
@@ -363,7 +368,7 @@ class SqueezeLayer(CacheLayerMixin):
         comp = self.components
         scores = comp.scorer.score(obs, None)  # (B, H_kv, T) fp32
         self.rows.update_field("score", scores.reshape(-1, scores.shape[-1]))
-        statistics = self.group.record(self.layer_idx, comp.allocator.layer_statistic(obs))
+        statistics = self.group.record(self.layer_idx, comp.allocator.layer_statistic(obs, scores))
         self._set_budget(self.rows.lengths.view(obs.batch_size, -1).amax(-1))  # until planned
         for idx, budget in comp.allocator.plan(statistics, self._request()).items():
             self.group.layers[idx].resize(budget)
@@ -379,8 +384,8 @@ class SqueezeLayer(CacheLayerMixin):
         self._select(scores, stored["key_positions"], stored["key_valid"], None)
 
     def _set_budget(self, budget: torch.Tensor) -> None:
-        """This layer's rows per head (B,) and the recent rows it protects."""
-        self.layer_budget = budget
+        """This layer's rows per head (B,) after the prompt, and the recent rows it protects."""
+        self.layer_budget = self.prefill_budget = budget
         self.protected_recent = torch.tensor(
             [self.components.protected_recent(int(n)) for n in budget.tolist()], device=budget.device
         )

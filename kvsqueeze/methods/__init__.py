@@ -7,6 +7,7 @@ from kvsqueeze.methods import (  # noqa: F401
     h2o,
     knorm,
     mass,
+    prefixkv,
     pyramidkv,
     random,
     snapkv,
@@ -19,6 +20,7 @@ from kvsqueeze.methods.full import Full
 from kvsqueeze.methods.h2o import H2O
 from kvsqueeze.methods.knorm import Knorm
 from kvsqueeze.methods.mass import Mass
+from kvsqueeze.methods.prefixkv import PrefixKV
 from kvsqueeze.methods.pyramidkv import PyramidKV
 from kvsqueeze.methods.random import Random
 from kvsqueeze.methods.snapkv import SnapKV
@@ -29,6 +31,7 @@ __all__ = [
     "AdaKV",
     "Cake",
     "Mass",
+    "PrefixKV",
     "Knorm",
     "METHODS",
     "Components",
