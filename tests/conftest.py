@@ -23,6 +23,7 @@ METHOD_NAMES = (
     "mass",
     "cake",
     "prefixkv",
+    "d2o",
 )
 # Observation windows small enough for the tiny prompts of the compression tests.
 SMALL_WINDOW = {

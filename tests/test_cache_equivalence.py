@@ -46,7 +46,19 @@ def test_reset_clears_state_between_sequences():
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
 @pytest.mark.parametrize(
     "method",
-    ["snapkv", "pyramidkv", "h2o", "streaming_llm", "knorm", "random", "adakv", "mass", "cake", "prefixkv"],
+    [
+        "snapkv",
+        "pyramidkv",
+        "h2o",
+        "streaming_llm",
+        "knorm",
+        "random",
+        "adakv",
+        "mass",
+        "cake",
+        "prefixkv",
+        "d2o",
+    ],
 )
 def test_fork_equals_a_live_run(tiny_models, arch, method):
     """Prefill once, compress many: a fork of a recorded full cache equals the method run during prefill."""

@@ -3,6 +3,7 @@
 from kvsqueeze.methods import (  # noqa: F401
     adakv,
     cake,
+    d2o,
     full,
     h2o,
     knorm,
@@ -16,6 +17,7 @@ from kvsqueeze.methods import (  # noqa: F401
 from kvsqueeze.methods.adakv import AdaKV
 from kvsqueeze.methods.base import METHODS, Components, Method, Schedule, get_method, register
 from kvsqueeze.methods.cake import Cake
+from kvsqueeze.methods.d2o import D2O
 from kvsqueeze.methods.full import Full
 from kvsqueeze.methods.h2o import H2O
 from kvsqueeze.methods.knorm import Knorm
@@ -30,6 +32,7 @@ __all__ = [
     "H2O",
     "AdaKV",
     "Cake",
+    "D2O",
     "Mass",
     "PrefixKV",
     "Knorm",
