@@ -33,7 +33,7 @@ from kvsqueeze.bench.report import mean_of
 from kvsqueeze.bench.scoring import postprocess, score_sample
 from kvsqueeze.bench.tasks import TASKS, Sample, generate_samples, get_task
 from kvsqueeze.cache import Budget, SqueezeCache
-from kvsqueeze.methods import Schedule, get_method
+from kvsqueeze.methods import Method, Schedule, get_method, with_profile
 
 
 @dataclass(frozen=True)
@@ -42,11 +42,18 @@ class MethodSpec:
 
     name: str
     params: dict = field(default_factory=dict)
+    profile: str | None = None  # a layer profile JSON (``kvsqueeze profile``) replacing its layer budgets
 
     @property
     def label(self) -> str:
         extra = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
-        return f"{self.name}({extra})" if extra else self.name
+        label = f"{self.name}({extra})" if extra else self.name
+        return f"{label}+profile" if self.profile else label
+
+    def build(self) -> Method:
+        """The method this spec names (a one-line ``ValueError`` for unknown names or parameters)."""
+        method = get_method(self.name, **self.params)
+        return with_profile(method, self.profile) if self.profile else method
 
 
 @dataclass
@@ -69,7 +76,7 @@ class BenchConfig:
         for task in self.tasks if check_tasks else ():
             get_task(task)
         for spec in self.methods:
-            get_method(spec.name, **spec.params)
+            spec.build()
         for budget in self.budgets:
             Budget.parse(float(budget))
         for setting in self.settings:
@@ -194,7 +201,7 @@ def run_sample(
     reference = _teacher_logprobs(model, source.fork("full"), encoded.followup_ids, teacher, stepwise=False)
     results: dict[tuple[str, float], SampleOutcome] = {}
     for spec, budget in runs:
-        method = get_method(spec.name, **spec.params)
+        method = spec.build()
         reset_peak_rss()
         cache = source.fork(method, budget)
         compression = cache.compression_seconds()  # scoring + selection only, not the fork's copy

@@ -33,12 +33,14 @@ def _load(args: argparse.Namespace):
 def run_generate(args: argparse.Namespace) -> int:
     from kvsqueeze.cache import Budget
     from kvsqueeze.generation import generate
-    from kvsqueeze.methods import get_method
+    from kvsqueeze.methods import get_method, with_profile
 
     prompt = _read_prompt(args)
     if not prompt.strip():
         raise ValueError("the prompt is empty")
     method = get_method(args.method, **dict(args.param))  # validate before the model loads
+    if args.profile:
+        method = with_profile(method, args.profile)
     budget = Budget.parse(args.budget)
     model, tokenizer = _load(args)
     result = generate(
@@ -147,18 +149,18 @@ def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _method_specs(text: str):
+def _method_specs(text: str, profile: str | None = None):
     """``snapkv,h2o:recent_share=0.3,pyramidkv:window=16`` -> MethodSpecs; ``all``: every method."""
     from kvsqueeze.bench.runner import MethodSpec
     from kvsqueeze.cli.main import _param
     from kvsqueeze.methods import METHODS
 
     if text.strip() == "all":
-        return [MethodSpec(name) for name in sorted(METHODS)]
+        return [MethodSpec(name, profile=profile) for name in sorted(METHODS)]
     specs = []
     for item in _split(text):
         name, *params = item.split(":")
-        specs.append(MethodSpec(name.strip(), dict(_param(p) for p in params)))
+        specs.append(MethodSpec(name.strip(), dict(_param(p) for p in params), profile=profile))
     return specs
 
 
@@ -187,7 +189,7 @@ def run_bench(args: argparse.Namespace) -> int:
             return samples[: args.samples]
 
     config = BenchConfig(
-        methods=_method_specs(args.methods),
+        methods=_method_specs(args.methods, args.profile),
         budgets=budgets,
         tasks=tasks,
         lengths=lengths,
@@ -215,4 +217,34 @@ def run_bench(args: argparse.Namespace) -> int:
     plots = plot_results(records, out / "plots")
     print("\n\n".join(tables))
     print(f"\nwrote {out / 'results.md'}, {len(plots)} plots and {len(records)} run records under {out}")
+    return 0
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    from kvsqueeze.bench import generate_samples
+    from kvsqueeze.bench.prompts import encode_sample
+    from kvsqueeze.cache import Budget
+    from kvsqueeze.methods import compute_profile, get_method
+
+    method = get_method(args.method, **dict(args.param))
+    budget = Budget.parse(args.budget)
+    if budget.ratio is None:
+        raise ValueError("profile --budget must be a ratio in (0, 1], e.g. 0.5")
+    model, tokenizer = _load(args)
+    if args.prompts:
+        texts = [t for t in Path(args.prompts).read_text().split("\n\n\n") if t.strip()]
+        prompts = [tokenizer(t, return_tensors="pt")["input_ids"] for t in texts]
+    else:  # generated long-context samples: documents and needles over natural text
+        prompts = []
+        for task in ("qa_generated", "niah_multikey", "variable_tracking"):
+            for sample in generate_samples(
+                task, tokenizer, length=args.length, num_samples=args.samples, seed=1
+            ):
+                prompts.append(encode_sample(tokenizer, sample, "query_aware").compressed_ids)
+    profile = compute_profile(model, prompts, method, budget.ratio, model_name=args.model or "")
+    out = Path(args.out or f"profile-{method.name}-{budget.ratio:g}.json")
+    profile.save(out)
+    ratios = ", ".join(f"{r:.2f}" for r in profile.keep_ratios)
+    print(f"kept ratio per layer over {len(prompts)} prompts: {ratios}")
+    print(f"wrote {out}; use it with --profile {out}")
     return 0

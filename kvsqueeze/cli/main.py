@@ -48,6 +48,7 @@ def _add_method(p: argparse.ArgumentParser, default_method: str, default_budget:
         metavar="NAME=VALUE",
         help="method hyperparameter",
     )
+    p.add_argument("--profile", help="layer profile JSON from `kvsqueeze profile` (offline layer budgets)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,8 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--baseline", choices=["kvpress"], default=None, help="add kvpress presses side by side"
     )
+    bench.add_argument("--profile", help="layer profile JSON applied to every method (label: +profile)")
     bench.add_argument("--out", default="bench-out", help="output folder (JSON per run, results.md, plots)")
     bench.set_defaults(run=commands.run_bench)
+
+    prof = sub.add_parser(
+        "profile",
+        help="measure per-layer kept ratios on calibration prompts (offline budgets for any method)",
+    )
+    _add_model(prof)
+    _add_method(prof, "prefixkv", "0.5")
+    prof.add_argument("--prompts", help="text file of calibration prompts separated by two blank lines")
+    prof.add_argument("--length", type=int, default=2048, help="tokens per generated prompt (no --prompts)")
+    prof.add_argument("--samples", type=int, default=2, help="generated prompts per task (no --prompts)")
+    prof.add_argument("--out", help="output JSON (default: profile-<method>-<budget>.json)")
+    prof.set_defaults(run=commands.run_profile)
 
     demo = sub.add_parser(
         "demo", help="the same prompt with the full cache and a compressed one, side by side"

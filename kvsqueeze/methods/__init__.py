@@ -23,6 +23,7 @@ from kvsqueeze.methods.h2o import H2O
 from kvsqueeze.methods.knorm import Knorm
 from kvsqueeze.methods.mass import Mass
 from kvsqueeze.methods.prefixkv import PrefixKV
+from kvsqueeze.methods.profiled import LayerProfile, Profiled, compute_profile, with_profile
 from kvsqueeze.methods.pyramidkv import PyramidKV
 from kvsqueeze.methods.random import Random
 from kvsqueeze.methods.snapkv import SnapKV
@@ -34,7 +35,11 @@ __all__ = [
     "Cake",
     "D2O",
     "Mass",
+    "LayerProfile",
     "PrefixKV",
+    "Profiled",
+    "compute_profile",
+    "with_profile",
     "Knorm",
     "METHODS",
     "Components",

@@ -1,0 +1,159 @@
+"""Offline per-layer budgets: a profile of kept ratios per layer, measured once, reused by any method.
+
+PrefixKV's repository estimates each layer's ratio on calibration prompts and reuses the average online,
+without a search (reference/eviction-methods.md §4c). ``kvsqueeze profile`` does the same with any method
+that sizes layers adaptively (PrefixKV by default) and writes a JSON file; :func:`with_profile` (and
+``--profile FILE`` on the command line) gives a method those layer budgets instead of its own allocator.
+
+A profile is a shape: its ratios are rescaled so their mean is the budget you ask for (capped at 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from kvsqueeze.allocators.base import Allocator, LayerRequest
+from kvsqueeze.methods.base import Components, Method
+
+
+@dataclass
+class LayerProfile:
+    """Kept ratio per layer, averaged over calibration prompts, and how it was measured."""
+
+    keep_ratios: list[float]
+    model: str = ""
+    method: str = ""
+    budget: float = 0.0
+    num_prompts: int = 0
+    prompt_tokens: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        ratios = self.keep_ratios
+        if not isinstance(ratios, list) or not ratios:
+            raise ValueError("a layer profile needs a non-empty list of keep_ratios")
+        if not all(isinstance(r, int | float) and not isinstance(r, bool) and 0 < r <= 1 for r in ratios):
+            raise ValueError("every keep ratio of a layer profile must be a number in (0, 1]")
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> LayerProfile:
+        """Read a profile JSON; a one-line ``ValueError`` if it is not one."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ValueError(f"no profile file {path}") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not JSON: {exc.msg} (line {exc.lineno})") from None
+        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict) or "keep_ratios" not in data:
+            raise ValueError(f"{path} is not a layer profile (no keep_ratios)")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def scaled(self, average: float) -> list[float]:
+        """The ratios rescaled to mean ``average``, each capped at 1."""
+        mean = sum(self.keep_ratios) / len(self.keep_ratios)
+        return [min(1.0, r * average / mean) for r in self.keep_ratios]
+
+
+class ProfileAllocator(Allocator):
+    """Each layer keeps its profiled share of the prompt; decoding follows the method's own allocator."""
+
+    name: ClassVar[str] = "profile"
+
+    def __init__(self, profile: LayerProfile, inner: Allocator | None) -> None:
+        self.profile, self.inner = profile, inner
+
+    def layer_budget(self, request: LayerRequest) -> torch.Tensor:
+        if len(self.profile.keep_ratios) != request.num_layers:
+            raise ValueError(
+                f"the profile has {len(self.profile.keep_ratios)} layers, the model {request.num_layers}"
+            )
+        out = []
+        for capacity, length in zip(request.budget.tolist(), request.prompt_lengths.tolist(), strict=True):
+            if length <= capacity:
+                out.append(int(capacity))
+                continue
+            ratio = self.profile.scaled(capacity / length)[request.layer_idx]
+            out.append(max(request.window + 1, int(length) - round((1 - ratio) * length)))
+        return torch.tensor(out, dtype=torch.long, device=request.budget.device)
+
+    def decode_budget(
+        self, prefill_budget: torch.Tensor, prompt_lengths: torch.Tensor, tokens_seen: torch.Tensor
+    ) -> torch.Tensor:
+        if self.inner is None:
+            return prefill_budget
+        return self.inner.decode_budget(prefill_budget, prompt_lengths, tokens_seen)
+
+
+@dataclass
+class Profiled(Method):
+    """``base`` with its layer budgets taken from ``profile`` (see :func:`with_profile`)."""
+
+    summary: ClassVar[str] = "any method with offline per-layer budgets from a profile"
+    base: Method = None  # type: ignore[assignment]
+    profile: LayerProfile = None  # type: ignore[assignment]
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"{self.base.name}+profile"
+
+    def validate(self) -> None:
+        if not isinstance(self.base, Method) or not isinstance(self.profile, LayerProfile):
+            raise ValueError("Profiled needs a built method and a LayerProfile")
+
+    def components(self) -> Components:
+        base = self.base.components()
+        return dataclasses.replace(base, allocator=ProfileAllocator(self.profile, base.allocator))
+
+
+def with_profile(method: Method, profile: LayerProfile | str | Path) -> Profiled:
+    """``method`` with the per-layer budgets of ``profile`` (a :class:`LayerProfile` or its JSON path)."""
+    if not isinstance(profile, LayerProfile):
+        profile = LayerProfile.load(profile)
+    return Profiled(base=method, profile=profile)
+
+
+@torch.inference_mode()
+def compute_profile(
+    model: torch.nn.Module,
+    prompts: list[torch.Tensor],
+    method: Method,
+    budget: float,
+    *,
+    model_name: str = "",
+    progress: bool = True,
+) -> LayerProfile:
+    """Average kept ratio per layer of ``method`` at ``budget`` over ``prompts`` (token ids (1, L) each)."""
+    from tqdm.auto import tqdm
+
+    from kvsqueeze.cache import SqueezeCache
+
+    if not prompts:
+        raise ValueError("profiling needs at least one calibration prompt")
+    totals: list[float] | None = None
+    for ids in tqdm(prompts, desc="profile", unit="prompt", disable=not progress):
+        cache = SqueezeCache(model, method, budget)
+        model(ids, cache=cache)
+        kept = cache.stored_rows()[:, 0].float().mean(-1) / ids.shape[1]  # (N,) sequence 0, mean over heads
+        totals = (
+            kept.tolist() if totals is None else [t + k for t, k in zip(totals, kept.tolist(), strict=True)]
+        )
+    ratios = [min(1.0, max(t / len(prompts), 1e-6)) for t in totals]
+    return LayerProfile(
+        keep_ratios=[round(r, 6) for r in ratios],
+        model=model_name,
+        method=method.name,
+        budget=budget,
+        num_prompts=len(prompts),
+        prompt_tokens=[int(p.shape[1]) for p in prompts],
+    )
