@@ -49,23 +49,27 @@ class Merge(Action):
         keys = rows.padded("keys")  # (S, T, D)
         values = rows.padded("values")
         unit = keys.float() / keys.float().norm(dim=-1, keepdim=True).clamp(min=1e-6)
-        similarity = unit @ unit.transpose(1, 2)  # (S, T_e, T_c): evicted rows x kept rows
-        similarity = similarity.masked_fill(~keep[:, None, :], float("-inf"))
-        best, target = similarity.max(dim=-1)  # (S, T) u_e and c*(e)
-        best = best.masked_fill(~evicted, 0.0)
-        per_sequence = best.view(b, h, -1).sum(dim=(1, 2)) / evicted.view(b, h, -1).sum(dim=(1, 2)).clamp(
-            min=1
-        )
-        if self.threshold is None:
-            self.threshold = per_sequence
-        else:
-            self.threshold = self.alpha * self.threshold + self.beta * per_sequence
-        merged = evicted & (best >= self.threshold.repeat_interleave(h)[:, None])  # (S, T)
-        weight = (best * merged).unsqueeze(-1)  # (S, T, 1)
-        index = target.masked_fill(~merged, 0).unsqueeze(-1)  # (S, T, 1)
-        count = torch.zeros_like(best).scatter_add_(1, index[..., 0], merged.float())  # (S, T) n_c
+        # only the evicted rows are compared (one per segment while decoding): (S, E) slots
+        e = int(evicted.sum(1).max())
+        slots = evicted.float().topk(e, dim=1).indices  # (S, E) indices of evicted rows (padded)
+        is_evicted = evicted.gather(1, slots)  # (S, E)
+        picked = unit.gather(1, slots[..., None].expand(-1, -1, unit.shape[-1]))  # (S, E, D)
+        similarity = (picked @ unit.transpose(1, 2)).masked_fill(
+            ~keep[:, None, :], float("-inf")
+        )  # (S, E, T)
+        best, target = similarity.max(dim=-1)  # (S, E) u_e and c*(e)
+        best = best.masked_fill(~is_evicted, 0.0)
+        mean = best.view(b, -1).sum(-1) / is_evicted.view(b, -1).sum(-1).clamp(min=1)  # (B,)
+        self.threshold = mean if self.threshold is None else self.alpha * self.threshold + self.beta * mean
+        merged = is_evicted & (best >= self.threshold.repeat_interleave(h)[:, None])  # (S, E)
+        if not bool(merged.any()):
+            return
+        weight = (best * merged).unsqueeze(-1)  # (S, E, 1)
+        target = target.masked_fill(~merged, 0)  # (S, E)
+        count = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device)
+        count.scatter_add_(1, target, merged.float())  # (S, T) n_c
         for name, data in (("keys", keys), ("values", values)):
-            added = torch.zeros_like(data, dtype=torch.float32).scatter_add_(
-                1, index.expand_as(data), weight * data.float()
-            )
+            source = data.float().gather(1, slots[..., None].expand(-1, -1, data.shape[-1]))  # (S, E, D)
+            added = torch.zeros_like(data, dtype=torch.float32)
+            added.scatter_add_(1, target[..., None].expand_as(source), weight * source)
             rows.update_field(name, ((data.float() + added) / (1 + count[..., None])).to(data.dtype))
