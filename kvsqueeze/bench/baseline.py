@@ -137,9 +137,14 @@ def _run_group(
                     r.get("effective_cache_bytes", r["cache_bytes"]) for r in rows
                 ),
                 "full_cache_bytes": mean_of(r["full_cache_bytes"] for r in rows),
+                # one-token steps after the question, as kvsqueeze's rows measure them
                 "decode_tokens_per_second": mean_of(
-                    r["new_tokens"] / r["decode_seconds"] for r in rows if r["decode_seconds"]
+                    (r["new_tokens"] - 1) / r["step_seconds"] for r in rows if r.get("step_seconds")
                 ),
+                "prefill_tokens_per_second": mean_of(
+                    r["context_tokens"] / r["prefill_seconds"] for r in rows if r.get("prefill_seconds")
+                ),
+                "peak_rss_bytes": result.get("peak_rss_bytes"),  # the kvpress worker process
                 # extra prefill cost over a plain prefill; shared-prefill rows report what their own
                 # standalone prefill would cost (see kvsqueeze.bench.kvpress_env)
                 "compression_overhead": mean_of(

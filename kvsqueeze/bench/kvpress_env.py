@@ -14,9 +14,10 @@ prefilled and compressed; then ``SEPARATOR + question``, the template's closing 
 prefix are fed. ``query_aware`` requests put the question into the compressed context instead.
 
 Result rows carry ``ROW_FIELDS``: ``prefill_seconds`` covers the context prefill and the compression
-(KVzip's reconstruction passes included), ``decode_seconds`` the question plus the greedy tokens,
-``cache_bytes`` the key and value tensors right after compression, ``kl`` / ``top1_agreement`` compare
-teacher-forced next-token distributions with the uncompressed run (``None`` without ``teacher_ids``).
+(KVzip's reconstruction passes included), ``decode_seconds`` the question plus the greedy tokens
+(``step_seconds``: the one-token steps alone), ``cache_bytes`` the key and value tensors right after
+compression, ``kl`` / ``top1_agreement`` compare teacher-forced next-token distributions with the
+uncompressed run (``None`` without ``teacher_ids``).
 Extra fields: ``context_tokens``, ``effective_cache_bytes`` (minus masked entries), ``teacher_agreement``
 (argmax equals the teacher token), ``prefill_shared`` (see below) and, for presses that mask instead of
 dropping (AdaKV, KVzip), a ``note``: their ``cache_bytes`` stay those of the full cache. A failing press

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import time
 import traceback
@@ -208,16 +209,20 @@ class Run:
         out = self.model(input_ids=ids, past_key_values=cache, position_ids=positions, logits_to_keep=1)
         return out.logits[0, -1].float()
 
-    def generate(self, question_ids: torch.Tensor, cache: Any, context_len: int, max_new: int) -> list[int]:
-        """Greedy tokens after the question, stopping at an end-of-sequence token."""
+    def generate(
+        self, question_ids: torch.Tensor, cache: Any, context_len: int, max_new: int
+    ) -> tuple[list[int], float]:
+        """Greedy tokens after the question, stopping at an end-of-sequence token, and the seconds the
+        one-token steps took (after the question's forward: what decode tokens/s measures, as in kvsqueeze)."""
         logits = self.step(question_ids, cache, context_len)
         position = context_len + question_ids.shape[1]
         tokens = [int(logits.argmax())]
+        start = time.perf_counter()
         while len(tokens) < max_new and tokens[-1] not in self.stop_ids:
             logits = self.step(torch.tensor([[tokens[-1]]]), cache, position)
             position += 1
             tokens.append(int(logits.argmax()))
-        return tokens
+        return tokens, time.perf_counter() - start
 
     def teacher_logprobs(
         self, question_ids: torch.Tensor, cache: Any, context_len: int, teacher: list[int]
@@ -264,7 +269,7 @@ def answer(
     set_masks(run.model, masks)
     try:
         start = time.perf_counter()
-        tokens = run.generate(question_ids, cache, context_len, int(request["max_new_tokens"]))
+        tokens, step_seconds = run.generate(question_ids, cache, context_len, int(request["max_new_tokens"]))
         decode_seconds = time.perf_counter() - start
         if teacher:
             truncate_cache(cache, lengths)
@@ -274,6 +279,7 @@ def answer(
     row: dict[str, Any] = {
         "prediction": run.tokenizer.decode(tokens, skip_special_tokens=True),
         "decode_seconds": decode_seconds,
+        "step_seconds": step_seconds,
         "new_tokens": len(tokens),
         "cache_bytes": size,
         "effective_cache_bytes": size - masked,
@@ -746,6 +752,7 @@ def main(argv: list[str]) -> int:
         "kvpress_version": kvpress_version(),
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "rows": rows,
     }
     Path(argv[1]).write_text(json.dumps(result, indent=1))
