@@ -29,6 +29,7 @@ def markdown_table(records: list[dict], setting: str) -> str:
         "keep",
         *tasks,
         "avg",
+        "tasks",
         "KL",
         "top-1",
         "bytes / full",
@@ -38,7 +39,8 @@ def markdown_table(records: list[dict], setting: str) -> str:
         "overhead",
     ]
     lines = [
-        f"Setting `{setting}`, context {', '.join(str(n) for n in lengths)} tokens; scores in %; "
+        f"Setting `{setting}`, context {', '.join(str(n) for n in lengths)} tokens; scores in %; avg over "
+        "the row's tasks (`tasks` says how many ran); "
         "KL and top-1 against the full cache over a teacher-forced continuation; "
         "peak RSS = the process's peak resident memory; "
         "overhead = time spent compressing (scoring and selection) / prefill time.",
@@ -56,6 +58,7 @@ def markdown_table(records: list[dict], setting: str) -> str:
             f"{key[2]:g}",
             *[_pct(s) for s in scores],
             _pct(mean_of(scores)),
+            str(len(by_task)),
             _num(mean_of(r["kl"] for r in every), 3),
             _pct(mean_of(r["top1"] for r in every)),
             _num(mean_of(r["cache_bytes"] / max(1, r["full_cache_bytes"]) for r in every), 3),
