@@ -14,7 +14,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
+import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import kvsqueeze
@@ -52,22 +55,33 @@ def full_scores(records: list[dict], setting: str) -> str:
         for r in records
         if r["setting"] == setting and r["method"] == "full" and r.get("source") == "kvsqueeze"
     )
+    if not full:
+        return "not run yet"
     average = mean_of(score for _, score in full)
     return ", ".join(f"{task} {100 * score:.0f}" for task, score in full) + f"; average {100 * average:.0f}"
 
 
-def kvpress_records() -> list[dict]:
-    """Every kvpress record under docs/bench/kvpress (one file per setting, task and length)."""
-    files = sorted((OUT / "kvpress").rglob("*.json"))
-    return [record for path in files for record in json.loads(path.read_text())["records"]]
+def kvpress_results() -> tuple[list[dict], list[str]]:
+    """Every kvpress record under docs/bench/kvpress (one file per setting, task and length), and one
+    line per press and ratio that failed: 'press keep: error (n samples)'."""
+    records, failures = [], Counter()
+    for path in sorted((OUT / "kvpress").rglob("*.json")):
+        result = json.loads(path.read_text())
+        records += result["records"]
+        failures.update(f"{e['press']} keep {e['keep_ratio']:g}: {e['error']}" for e in result["errors"])
+    return records, [f"{line} ({n} sample(s))" for line, n in sorted(failures.items())]
+
+
+def wall_history() -> list[float]:
+    """Wall seconds of every earlier invocation (docs/bench/wall_seconds.json)."""
+    path = OUT / "wall_seconds.json"
+    return json.loads(path.read_text()) if path.exists() else []
 
 
 def wall_seconds(started: float) -> float:
     """Add this invocation's wall time to docs/bench/wall_seconds.json; the total over invocations."""
-    path = OUT / "wall_seconds.json"
-    history = json.loads(path.read_text()) if path.exists() else []
-    history.append(round(time.perf_counter() - started, 1))
-    path.write_text(json.dumps(history))
+    history = [*wall_history(), round(time.perf_counter() - started, 1)]
+    (OUT / "wall_seconds.json").write_text(json.dumps(history))
     return sum(history)
 
 
@@ -81,13 +95,23 @@ def main() -> None:
     parser.add_argument(
         "--stages",
         default=",".join(STAGES),
-        help=f"run only these stages now (comma list of {', '.join(STAGES)}); "
+        help=f"run only these stages now (comma list of {', '.join(STAGES)}; '' runs none); "
         "the table always shows every record already on disk",
     )
     args = parser.parse_args()
     started = time.perf_counter()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped run still records its time
+    try:
+        report(args)
+    finally:
+        total = wall_seconds(started)
+        print(f"total wall time over all invocations: {total / 60:.0f} min", file=sys.stderr)
+
+
+def report(args: argparse.Namespace) -> None:
+    """Run the stages asked for, then print (and with --write, publish) the tables."""
     bench = config(args.samples)
-    stages = args.stages.split(",")
+    stages = [stage for stage in args.stages.split(",") if stage]  # --stages '' only writes the report
     if unknown := set(stages) - set(STAGES):
         raise SystemExit(f"unknown stage {sorted(unknown)[0]!r}; stages: {', '.join(STAGES)}")
     tasks = args.tasks.split(",") if args.tasks else bench.tasks
@@ -107,15 +131,16 @@ def main() -> None:
         agnostic = dataclasses.replace(bench, tasks=tasks, settings=KVPRESS_SETTINGS)
         run_kvpress_baseline(model, tokenizer, agnostic, OUT, MODEL)
     records = load_records(bench, OUT)
-    records += kvpress_records()
+    pressed, failures = kvpress_results()
+    records += pressed
     plots = plot_results(records, OUT / "plots")
-    total = wall_seconds(started)
+    total = sum(wall_history())
     lines = [
         f"Model `{MODEL}` (fp32, 2 CPU threads), {bench.lengths[0]}-token contexts, "
         f"{bench.num_samples} sample(s) per task (seed {bench.seed}, `{bench.haystack}` haystack), "
         f"keep ratios {', '.join(f'{b:g}' for b in bench.budgets)}. Command: `{COMMAND}` "
-        f"(resumes from the run records in `docs/bench/`; total wall time over its invocations: "
-        f"{total / 60:.0f} min).",
+        f"(it resumes from the run records in `docs/bench/`; the invocations before the one that wrote "
+        f"this took {total / 60:.0f} min of wall time in all, see `docs/bench/wall_seconds.json`).",
         "",
         "Full cache per task at 4k, query-agnostic: "
         + full_scores(records, "query_agnostic")
@@ -129,6 +154,8 @@ def main() -> None:
         "records as `effective_cache_bytes`); their `overhead` is the prefill time they add over a plain "
         "prefill.",
     ]
+    if failures:
+        lines += ["", "kvpress presses that failed (no row): " + "; ".join(failures) + "."]
     for setting in bench.settings:
         lines += ["", f"### {setting}", "", markdown_table(records, setting)]
         lines += ["", *[f"![{p.stem}](bench/plots/{p.name})" for p in plots if p.stem.endswith(setting)]]
