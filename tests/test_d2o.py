@@ -77,3 +77,20 @@ def test_d2o_evicts_and_merges_while_decoding():
     assert len(set(after_prefill[:, 0, 0].tolist())) > 1  # layers got different budgets
     assert cache.layers[0].kept_positions()[0][0][:4] == [0, 1, 2, 3]  # sinks forced in
     assert not torch.equal(cache.layers[2].keys[..., :-4, :], keys_before[..., :-4, :])  # some rows merged
+
+
+def test_per_sequence_state_follows_batch_reordering():
+    """D2O's merge threshold and PrefixKV's FIFO start are per sequence: beam reordering moves them."""
+    model = tiny_model("llama", num_hidden_layers=2, seed=0)
+    ids, mask = left_padded_batch([120, 90], seed=19)
+    for method in ("d2o", "prefixkv"):
+        cache = SqueezeCache(model, method, 0.3)
+        with torch.inference_mode():
+            model(ids, attention_mask=mask, cache=cache)
+            model(ids[:, -1:], attention_mask=torch.ones(2, 121, dtype=torch.long), cache=cache)
+        layer = cache.layers[0]
+        state = layer.components.action.threshold if method == "d2o" else layer.components.scorer.frozen_below
+        before = state.clone()
+        cache.reorder_cache(torch.tensor([1, 0]))
+        after = layer.components.action.threshold if method == "d2o" else layer.components.scorer.frozen_below
+        assert after.tolist() == before.flip(0).tolist()

@@ -27,6 +27,10 @@ class Action(ABC):
 
     name: ClassVar[str] = "action"
 
+    def select_batch(self, indices: torch.Tensor) -> None:
+        """Keep the per-sequence state of sequences ``indices`` (beam reordering); stateless: nothing."""
+        return None
+
     @abstractmethod
     def apply(
         self,

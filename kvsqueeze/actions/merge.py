@@ -31,6 +31,10 @@ class Merge(Action):
         self.alpha, self.beta = alpha, beta
         self.threshold: torch.Tensor | None = None  # (B,) the EMA of mean similarities
 
+    def select_batch(self, indices: torch.Tensor) -> None:
+        if self.threshold is not None:
+            self.threshold = self.threshold[indices]
+
     def apply(
         self,
         rows: PackedRows,

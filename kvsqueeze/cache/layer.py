@@ -164,6 +164,9 @@ class SqueezeLayer(CacheLayerMixin):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value[indices])
+        if self.components.scorer is not None:
+            self.components.scorer.select_batch(indices)
+        self.components.action.select_batch(indices)
         self.batch_size = len(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:

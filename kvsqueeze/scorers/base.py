@@ -27,6 +27,10 @@ class Scorer(ABC):
     stateful: ClassVar[bool] = False
     needs_attention: ClassVar[bool] = True  # False for scorers that never look at queries
 
+    def select_batch(self, indices: torch.Tensor) -> None:
+        """Keep the per-sequence state of sequences ``indices`` (beam reordering); stateless: nothing."""
+        return None
+
     @abstractmethod
     def score(self, obs: Observation, state: torch.Tensor | None = None) -> torch.Tensor:
         """Importance of every stored row, (B, H_kv, T) fp32. ``state`` is the running score of stateful

@@ -27,6 +27,10 @@ class PrefixImportanceScorer(Scorer):
         self.distance = distance
         self.frozen_below: torch.Tensor | None = None  # (B,) first unfrozen position, set at the first decode
 
+    def select_batch(self, indices: torch.Tensor) -> None:
+        if self.frozen_below is not None:
+            self.frozen_below = self.frozen_below[indices]
+
     def score(self, obs: Observation, state: torch.Tensor | None = None) -> torch.Tensor:
         if obs.is_prefill:
             return self._importance(obs)
