@@ -43,14 +43,14 @@ def prompts(tokenizer, length: int) -> list[tuple[str, torch.Tensor]]:
 @torch.inference_mode()
 def cake_peak(model, ids: torch.Tensor) -> str:
     full = SqueezeCache(model, "full")
-    model(ids, cache=full)
+    model(ids, cache=full, logits_to_keep=1)
     rows = [
         "| prefill | peak cache bytes | peak / full | kept after prefill / full |",
         "| --- | ---: | ---: | ---: |",
     ]
     for label, cascade in (("CAKE, cascading", True), ("CAKE, planned once at the last layer", False)):
         cache = SqueezeCache(model, "cake", 0.2, cascade=cascade)
-        model(ids, cache=cache)
+        model(ids, cache=cache, logits_to_keep=1)
         rows.append(
             f"| {label} | {cache.peak_nbytes() / 2**20:.1f} MiB | {cache.peak_nbytes() / full.nbytes():.3f} | "
             f"{cache.nbytes() / full.nbytes():.3f} |"
@@ -68,7 +68,7 @@ def mass_and_adakv(model, samples: list[tuple[str, torch.Tensor]]) -> tuple[str,
     ]
     for task, ids in samples:
         source = SqueezeCache(model, "full", record_prefill=True)
-        model(ids, cache=source)
+        model(ids, cache=source, logits_to_keep=1)
         ratios = [float(source.fork("mass", 1.0, p=p).kept_ratio()[0]) for p in (0.9, 0.95)]
         mass.append(f"| {task} | {ids.shape[1]} | {ratios[0]:.3f} | {ratios[1]:.3f} |")
         for r in (0.25, 0.1):

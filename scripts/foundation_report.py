@@ -42,7 +42,7 @@ def dynamic_bytes(cache: DynamicCache) -> int:
 def memory_table(model, tokenizer, ratio: float = 0.25, length: int = 2048) -> str:
     ids = prompt_ids(tokenizer, length)
     stock = DynamicCache(config=model.config)
-    model(ids, cache=stock)
+    model(ids, cache=stock, logits_to_keep=1)
     full = dynamic_bytes(stock)
     lines = [
         f"Prompt: {ids.shape[1]} tokens; stock DynamicCache after prefill: {format_bytes(full)}.",
@@ -52,7 +52,7 @@ def memory_table(model, tokenizer, ratio: float = 0.25, length: int = 2048) -> s
     ]
     for name in sorted(kvsqueeze.METHODS):
         cache = kvsqueeze.SqueezeCache(model, name, budget=1.0 if name == "full" else ratio)
-        model(ids, cache=cache)
+        model(ids, cache=cache, logits_to_keep=1)
         lines.append(
             f"| {name} | {format_bytes(cache.nbytes())} | {cache.nbytes() / full:.3f} | {cache.kv_nbytes() / full:.3f} |"
         )
@@ -63,7 +63,7 @@ def memory_table(model, tokenizer, ratio: float = 0.25, length: int = 2048) -> s
 def decode_rate(model, ids: torch.Tensor, method: str, budget: float, steps: int) -> float:
     """Greedy decode tokens/s after prefilling ``ids`` (prefill excluded from the timing)."""
     cache = kvsqueeze.SqueezeCache(model, method, budget=budget)
-    out = model(ids, cache=cache)
+    out = model(ids, cache=cache, logits_to_keep=1)
     token = out.logits[:, -1:].argmax(-1)
     start = time.perf_counter()
     for _ in range(steps):

@@ -193,7 +193,7 @@ def run_sample(
     eos = {int(x) for t in eos_ids if t is not None for x in (t if isinstance(t, list) else [t])}
     source = SqueezeCache(model, "full", record_prefill=True)
     start = time.perf_counter()
-    model(encoded.compressed_ids, cache=source)
+    model(encoded.compressed_ids, cache=source, logits_to_keep=1)  # no (L, vocab) logits: unused
     prefill = time.perf_counter() - start
 
     # The full cache's own greedy continuation is the teacher for everyone's fidelity.

@@ -143,7 +143,7 @@ def compute_profile(
     totals: list[float] | None = None
     for ids in tqdm(prompts, desc="profile", unit="prompt", disable=not progress):
         cache = SqueezeCache(model, method, budget)
-        model(ids, cache=cache)
+        model(ids, cache=cache, logits_to_keep=1)
         kept = cache.stored_rows()[:, 0].float().mean(-1) / ids.shape[1]  # (N,) sequence 0, mean over heads
         totals = (
             kept.tolist() if totals is None else [t + k for t, k in zip(totals, kept.tolist(), strict=True)]
