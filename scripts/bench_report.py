@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import signal
 import sys
 import time
@@ -68,7 +69,10 @@ def kvpress_results() -> tuple[list[dict], list[str]]:
     for path in sorted((OUT / "kvpress").rglob("*.json")):
         result = json.loads(path.read_text())
         records += result["records"]
-        failures.update(f"{e['press']} keep {e['keep_ratio']:g}: {e['error']}" for e in result["errors"])
+        failures.update(
+            f"{e['press']} keep {e['keep_ratio']:g}: {re.sub(r'[0-9]+', 'N', e['error'])}"
+            for e in result["errors"]
+        )
     return records, [f"{line} ({n} sample(s))" for line, n in sorted(failures.items())]
 
 
@@ -156,8 +160,17 @@ def report(args: argparse.Namespace) -> None:
     ]
     if failures:
         lines += ["", "kvpress presses that failed (no row): " + "; ".join(failures) + "."]
+    shared = sorted({r["task"] for r in pressed})
+    if shared and len(shared) < len(bench.tasks):
+        same = [r for r in records if r["task"] in shared]
+        lines += [
+            "",
+            f"### Side by side on the {len(shared)} tasks kvpress has run so far (query_agnostic)",
+            "",
+            markdown_table(same, "query_agnostic"),
+        ]
     for setting in bench.settings:
-        lines += ["", f"### {setting}", "", markdown_table(records, setting)]
+        lines += ["", f"### {setting}, every task", "", markdown_table(records, setting)]
         lines += ["", *[f"![{p.stem}](bench/plots/{p.name})" for p in plots if p.stem.endswith(setting)]]
     body = "\n".join(lines)
     print(body)
