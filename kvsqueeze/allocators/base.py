@@ -6,7 +6,6 @@ number of rows one layer keeps for each sequence. Plain tensors only.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -26,8 +25,8 @@ class LayerRequest:
     window: int  # rows the method always keeps at the end
 
 
-class Allocator(ABC):
-    """Base class: subclasses implement :meth:`layer_budget`.
+class Allocator:
+    """Base class: subclasses override :meth:`layer_budget` (or, sizing layers together, :meth:`plan`).
 
     Allocators that size layers against each other (CAKE, D2O, PrefixKV) set ``uses_statistics`` and
     implement :meth:`layer_statistic` and :meth:`plan`: each layer measures its statistic on the prompt,
@@ -37,9 +36,12 @@ class Allocator(ABC):
     name: ClassVar[str] = "allocator"
     uses_statistics: ClassVar[bool] = False
 
-    @abstractmethod
     def layer_budget(self, request: LayerRequest) -> torch.Tensor:
-        """Rows to keep per sequence in this layer, (B,) long (window included)."""
+        """Rows to keep per sequence in this layer, (B,) long (window included); by default the average.
+
+        Allocators with ``uses_statistics`` size layers in :meth:`plan` instead and never get this call.
+        """
+        return request.budget.clone()
 
     def decode_budget(
         self, prefill_budget: torch.Tensor, prompt_lengths: torch.Tensor, tokens_seen: torch.Tensor

@@ -64,9 +64,6 @@ class CakeAllocator(Allocator):
             raise ValueError(f"cake temperatures must be > 0, got tau1={tau1}, tau2={tau2}")
         self.window, self.tau1, self.tau2, self.cascade = window, tau1, tau2, cascade
 
-    def layer_budget(self, request: LayerRequest) -> torch.Tensor:
-        return request.budget.clone()
-
     def layer_statistic(self, obs: Observation, scores: torch.Tensor) -> torch.Tensor:
         """The layer's preference ``H^(1/tau1) * V^(1/tau2)`` per sequence, (B,) fp32."""
         probs, count = window_probabilities(obs, self.window)  # (B, H_kv, g, w, T)

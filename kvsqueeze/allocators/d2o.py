@@ -32,9 +32,6 @@ class D2OAllocator(Allocator):
     def __init__(self, protect_layers: tuple[int, ...] = ()) -> None:
         self.protect_layers = tuple(protect_layers)
 
-    def layer_budget(self, request: LayerRequest) -> torch.Tensor:
-        return request.budget.clone()
-
     def layer_statistic(self, obs: Observation, scores: torch.Tensor) -> torch.Tensor:
         """``sigma_l`` per sequence, (B,): mean over query heads of the min-max normalized variance of
         each head's column sums. Per query head, as the official code: with few KV heads (2 in

@@ -60,9 +60,6 @@ class PrefixAllocator(Allocator):
     def __init__(self, tolerance: int = 5, max_steps: int = 50) -> None:
         self.tolerance, self.max_steps = tolerance, max_steps
 
-    def layer_budget(self, request: LayerRequest) -> torch.Tensor:
-        return request.budget.clone()
-
     def layer_statistic(self, obs: Observation, scores: torch.Tensor) -> torch.Tensor:
         """Cumulative normalized importance, sorted descending, over the real rows (B, T) (head 0: shared)."""
         importance = scores[:, 0].masked_fill(~obs.key_valid[:, 0], 0.0).clamp(min=0)  # (B, T)
