@@ -32,7 +32,17 @@ MODEL = "qwen2.5-coder-0.5b"
 COMMAND = ".venv/bin/python scripts/bench_report.py --write"
 KVPRESS_SETTINGS = ["query_agnostic"]
 STAGES = ("query_agnostic", "query_aware", "kvpress")
-METHODS_PUBLISHED = ("full", "h2o", "knorm", "pyramidkv", "random", "snapkv", "streaming_llm")
+METHODS_PUBLISHED = (
+    "full",
+    "h2o",
+    "knorm",
+    "pyramidkv",
+    "random",
+    "snapkv",
+    "streaming_llm",
+    "zipcache",  # quantization: every token kept, so one row each (no keep ratio)
+    "kivi",
+)
 
 
 def config(samples: int) -> BenchConfig:

@@ -2,7 +2,8 @@
 
 from kvsqueeze.actions.base import Action
 from kvsqueeze.actions.evict import Evict, protected_rows, select_rows
+from kvsqueeze.actions.quantize import Quantize
 
 ACTIONS: dict[str, type[Action]] = {cls.name: cls for cls in (Evict,)}
 
-__all__ = ["ACTIONS", "Action", "Evict", "protected_rows", "select_rows"]
+__all__ = ["ACTIONS", "Action", "Evict", "Quantize", "protected_rows", "select_rows"]

@@ -2,13 +2,12 @@
 
 An action receives the layer's packed rows, the scores, and the rows chosen to stay, and changes storage:
 
-* evict (this release): free every row not chosen;
+* evict: free every row not chosen;
 * merge (D2O): fold each evicted row into its most similar kept row before freeing it;
-* quantize (ZipCache, KIVI): re-encode low-score rows into packed low-bit fields instead of freeing them;
-* select (MPCache, Quest): keep every row, and restrict attention to a query-dependent subset instead.
+* select (MPCache, Quest, next): keep every row, and restrict attention to a query-dependent subset instead.
 
-Storage is field-based (:class:`~kvsqueeze.cache.packed.PackedRows`), so the last three add fields (merge
-weights, packed codes and scales, cluster summaries) without changing the cache or the attention hook.
+How the chosen rows are *stored* is a separate step, :class:`~kvsqueeze.actions.quantize.Quantize`
+(ZipCache, KIVI): it runs after any of these on whatever is left, so eviction and quantization compose.
 """
 
 from __future__ import annotations

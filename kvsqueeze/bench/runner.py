@@ -210,7 +210,9 @@ def run_sample(
         tokens, rate = _greedy(model, answer_cache, encoded.followup_ids, max_new_tokens, eos)
         raw = tokenizer.decode(tokens, skip_special_tokens=True)
         prediction = postprocess(raw, sample.answer_prefix)
-        stepwise = method.components().schedule is Schedule.EVERY_STEP
+        components = method.components()
+        # caches that change while decoding (per-step eviction, quantization's residual) decode token by token
+        stepwise = components.schedule is Schedule.EVERY_STEP or components.quantize is not None
         kl, top1 = fidelity(
             reference, _teacher_logprobs(model, cache, encoded.followup_ids, teacher, stepwise)
         )
@@ -237,10 +239,10 @@ def _run_path(out: Path, setting: str, task: str, length: int, label: str, budge
 
 
 def iterate_runs(config: BenchConfig) -> list[tuple[MethodSpec, float]]:
-    """All (method, budget) pairs; ``full`` runs once, at budget 1."""
+    """All (method, budget) pairs; methods the budget does not change (full, pure quantization) run once, at 1."""
     runs: list[tuple[MethodSpec, float]] = []
     for spec in config.methods:
-        budgets = [1.0] if spec.name == "full" else config.budgets
+        budgets = config.budgets if spec.build().uses_budget else [1.0]
         runs.extend((spec, float(b)) for b in budgets)
     if not any(spec.name == "full" for spec, _ in runs):
         runs.insert(0, (MethodSpec("full"), 1.0))

@@ -64,6 +64,11 @@ class SqueezeCache(Cache):
         self.method = get_method(method, **params)
         self.budget = Budget.parse(budget)
         self.config = text
+        quantize = self.method.components().quantize
+        if quantize is not None:
+            quantize.scheme.check_head_dim(
+                getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+            )
         self._model_config = config
         layer_types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
         n = text.num_hidden_layers

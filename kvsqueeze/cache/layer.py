@@ -29,6 +29,7 @@ from kvsqueeze.attention.observation import Observation
 from kvsqueeze.cache.budget import Budget
 from kvsqueeze.cache.group import LayerGroup
 from kvsqueeze.cache.packed import PackedRows
+from kvsqueeze.cache.tiered import TieredRows
 from kvsqueeze.methods.base import Components, Schedule
 
 KV_FIELDS = ("keys", "values")
@@ -69,7 +70,7 @@ class SqueezeLayer(CacheLayerMixin):
         self._reset_state()
 
     def _reset_state(self) -> None:
-        self.rows: PackedRows | None = None
+        self.rows: PackedRows | TieredRows | None = None  # tiered once a quantizing method has run
         self.seen = 0  # logical tokens seen, left padding included
         self.batch_size = 0
         self.num_kv_heads = 0
@@ -127,7 +128,7 @@ class SqueezeLayer(CacheLayerMixin):
         return self._padded("values")
 
     def _padded(self, name: str) -> torch.Tensor | None:
-        if self.rows is None or name not in self.rows.fields:
+        if self.rows is None or not self.rows.has_field(name):
             return None
         padded = self.rows.padded(name)
         return padded.view(self.batch_size, self.num_kv_heads, *padded.shape[1:])
@@ -195,17 +196,10 @@ class SqueezeLayer(CacheLayerMixin):
         """Absolute positions kept, per sequence and KV head: ``[b][h] -> [pos, ...]`` (for tests and tools)."""
         if self.rows is None:
             return []
-        pos = self.rows.fields["positions"].tolist()
-        out, start = [], 0
+        pos = self.rows.padded("positions", fill=-1).tolist()  # (S, T_max), temporal order
         lengths = self.rows.lengths.tolist()
-        for b in range(self.batch_size):
-            heads = []
-            for h in range(self.num_kv_heads):
-                n = lengths[b * self.num_kv_heads + h]
-                heads.append(pos[start : start + n])
-                start += n
-            out.append(heads)
-        return out
+        h = self.num_kv_heads
+        return [[pos[b * h + i][: lengths[b * h + i]] for i in range(h)] for b in range(self.batch_size)]
 
     # ------------------------------------------------------------ attention and compression
 
@@ -236,6 +230,8 @@ class SqueezeLayer(CacheLayerMixin):
         if window is not None and self._trim_sliding_window(obs, window):
             obs = self._observe(query, query_valid, position_ids, scaling, window, is_prefill)
         self._compress(obs)
+        self._quantize(obs)
+        self.rows.release()  # the dequantized keys and values of a quantized layer live for one call
         return output
 
     def adopt_prefill(self, source: SqueezeLayer) -> None:
@@ -257,7 +253,10 @@ class SqueezeLayer(CacheLayerMixin):
             self.rows.fields.setdefault("score", torch.zeros(self.rows.num_rows, device=self.device))
         self.seen, self.prompt_end = source.seen, source.prompt_end
         self.prompt_lengths = source.prompt_lengths.clone()
-        self._compress(dataclasses.replace(rec, **self._stored_rows()))
+        obs = dataclasses.replace(rec, **self._stored_rows())
+        self._compress(obs)
+        self._quantize(obs)
+        self.rows.release()
 
     def _observe(
         self,
@@ -328,6 +327,27 @@ class SqueezeLayer(CacheLayerMixin):
                     self.prefill_budget, self.prompt_lengths, self.tokens_seen()
                 )
             self._score_and_select(obs)
+        self.compression_seconds += time.perf_counter() - start
+        if self.group is not None:
+            self.group.note_size()
+
+    def _quantize(self, obs: Observation) -> None:
+        """Quantize the rows that are due (all after the prompt, a block at a time during decode)."""
+        quant = self.components.quantize
+        if quant is None:
+            return
+        start = time.perf_counter()
+        if not isinstance(self.rows, TieredRows):
+            self.rows = TieredRows(self.rows, quant.scheme, self.dtype)
+        due = quant.due(self.rows.residual, obs.is_prefill)  # (S, T_res)
+        if due is None:
+            return
+        saliency = None
+        if quant.saliency is not None:
+            current = dataclasses.replace(obs, **self._stored_rows())  # the rows eviction left
+            scores = quant.rank(current)  # (B, H_kv, T)
+            saliency = self.rows.residual_part(scores.reshape(-1, scores.shape[-1]))
+        self.rows.quantize(due, saliency)
         self.compression_seconds += time.perf_counter() - start
         if self.group is not None:
             self.group.note_size()

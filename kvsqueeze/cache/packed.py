@@ -55,16 +55,12 @@ class PackedRows:
         within = torch.arange(seg.numel(), device=seg.device) - self.offsets()[seg]
         return seg, within
 
+    def has_field(self, name: str) -> bool:
+        return name in self.fields
+
     def padded(self, name: str, fill: float = 0) -> torch.Tensor:
         """Field ``name`` as a dense (S, T_max, *feature) tensor; a view when segments are uniform."""
-        data = self.fields[name]
-        feature = data.shape[1:]
-        if self._uniform_length is not None:
-            return data.view(self.num_segments, self._uniform_length, *feature)
-        out = data.new_full((self.num_segments, self.max_length, *feature), fill)
-        seg, within = self.segment_of_row()
-        out[seg, within] = data
-        return out
+        return pad_rows(self.fields[name], self.lengths, self._uniform_length, fill)
 
     def valid_mask(self) -> torch.Tensor:
         """(S, T_max) bool: True where a padded slot holds a stored row."""
@@ -75,6 +71,9 @@ class PackedRows:
         """Bytes held by the given fields (all fields by default), measured from the tensors."""
         names = tuple(self.fields) if names is None else names
         return sum(self.fields[n].numel() * self.fields[n].element_size() for n in names if n in self.fields)
+
+    def release(self) -> None:
+        """Drop transient views built for one attention call (nothing to drop: fields are the storage)."""
 
     def clone(self) -> PackedRows:
         """An independent copy (fields cloned)."""
@@ -133,6 +132,41 @@ class PackedRows:
         self.lengths = new_lengths
         self._refresh_uniform()
 
+    def append_rows(self, segments: torch.Tensor, rows: dict[str, torch.Tensor]) -> None:
+        """Append packed rows ``(M, *feature)`` per field at the end of their ``segments`` ``(M,)``.
+
+        ``segments`` must be sorted (stable): the rows of one segment keep their order.
+        """
+        if self.fields and set(rows) != set(self.fields):
+            raise ValueError(f"append_rows() needs fields {sorted(self.fields)}, got {sorted(rows)}")
+        added = torch.bincount(segments, minlength=self.num_segments)  # (S,)
+        new_lengths = self.lengths + added
+        new_offsets = torch.cumsum(new_lengths, 0) - new_lengths
+        seg, within = self.segment_of_row()
+        dest_old = new_offsets[seg] + within  # (N,)
+        rank = (
+            torch.arange(segments.numel(), device=segments.device)
+            - (torch.cumsum(added, 0) - added)[segments]
+        )
+        dest_new = new_offsets[segments] + self.lengths[segments] + rank  # (M,)
+        total = int(new_lengths.sum())
+        for name, data in rows.items():
+            out = data.new_empty((total, *data.shape[1:]))
+            if name in self.fields:
+                out[dest_old] = self.fields[name].to(out.dtype)
+            out[dest_new] = data
+            self.fields[name] = out
+        self.lengths = new_lengths
+        self._refresh_uniform()
+
+    def keep_rows(self, mask: torch.Tensor) -> None:
+        """Keep the packed rows where ``mask`` ``(N,)`` is True, in their order; free the others."""
+        seg, _ = self.segment_of_row()
+        for name, data in self.fields.items():
+            self.fields[name] = data[mask]
+        self.lengths = torch.bincount(seg[mask], minlength=self.num_segments).to(self.lengths)
+        self._refresh_uniform()
+
     def keep(self, mask: torch.Tensor) -> None:
         """Keep the rows where ``mask`` (S, T_max) is True, in their current order; free the others."""
         seg, col = mask.nonzero(as_tuple=True)  # row-major: by segment, then in temporal order
@@ -170,3 +204,21 @@ class PackedRows:
         lengths = self.lengths.tolist()
         lo, hi = min(lengths), max(lengths)
         self._uniform_length = lo if lo == hi else None
+
+
+def pad_rows(
+    data: torch.Tensor, lengths: torch.Tensor, uniform_length: int | None, fill: float = 0
+) -> torch.Tensor:
+    """Packed rows ``(N, *feature)`` of segments with ``lengths`` ``(S,)`` as dense ``(S, T_max, *feature)``.
+
+    A view when every segment holds ``uniform_length`` rows; padding slots hold ``fill`` otherwise.
+    """
+    num_segments, feature = lengths.numel(), data.shape[1:]
+    if uniform_length is not None:
+        return data.view(num_segments, uniform_length, *feature)
+    width = int(lengths.max()) if num_segments else 0
+    out = data.new_full((num_segments, width, *feature), fill)
+    seg = torch.repeat_interleave(torch.arange(num_segments, device=lengths.device), lengths)
+    within = torch.arange(seg.numel(), device=seg.device) - (torch.cumsum(lengths, 0) - lengths)[seg]
+    out[seg, within] = data
+    return out

@@ -6,6 +6,7 @@ from kvsqueeze.methods import (  # noqa: F401
     d2o,
     full,
     h2o,
+    kivi,
     knorm,
     mass,
     prefixkv,
@@ -13,13 +14,15 @@ from kvsqueeze.methods import (  # noqa: F401
     random,
     snapkv,
     streaming_llm,
+    zipcache,
 )
 from kvsqueeze.methods.adakv import AdaKV
-from kvsqueeze.methods.base import METHODS, Components, Method, Schedule, get_method, register
+from kvsqueeze.methods.base import METHODS, Components, Composed, Method, Schedule, get_method, register
 from kvsqueeze.methods.cake import Cake
 from kvsqueeze.methods.d2o import D2O
 from kvsqueeze.methods.full import Full
 from kvsqueeze.methods.h2o import H2O
+from kvsqueeze.methods.kivi import KIVI
 from kvsqueeze.methods.knorm import Knorm
 from kvsqueeze.methods.mass import Mass
 from kvsqueeze.methods.prefixkv import PrefixKV
@@ -28,9 +31,13 @@ from kvsqueeze.methods.pyramidkv import PyramidKV
 from kvsqueeze.methods.random import Random
 from kvsqueeze.methods.snapkv import SnapKV
 from kvsqueeze.methods.streaming_llm import StreamingLLM
+from kvsqueeze.methods.zipcache import ZipCache
 
 __all__ = [
     "H2O",
+    "KIVI",
+    "ZipCache",
+    "Composed",
     "AdaKV",
     "Cake",
     "D2O",

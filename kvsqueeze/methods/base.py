@@ -15,6 +15,7 @@ from typing import ClassVar
 
 from kvsqueeze.actions.base import Action
 from kvsqueeze.actions.evict import Evict
+from kvsqueeze.actions.quantize import Quantize
 from kvsqueeze.allocators.base import Allocator
 from kvsqueeze.allocators.heads import HeadAllocator, UniformHeads
 from kvsqueeze.scorers.base import Scorer
@@ -33,7 +34,7 @@ class Components:
     """The four choices of a method, plus the rows it always protects.
 
     ``allocator`` sizes each layer; ``heads`` splits a layer's size over its KV heads (uniform by default,
-    or adaptive: Ada-KV, mass).
+    or adaptive: Ada-KV, mass); ``quantize`` stores what eviction keeps at low bit width.
     """
 
     scorer: Scorer | None
@@ -44,6 +45,7 @@ class Components:
     window: int = 0  # the last `window` rows are always kept
     sinks: int = 0  # rows at positions < sinks are always kept
     recent_share: float | None = None  # if set, the protected window is this share of each layer's budget
+    quantize: Quantize | None = None  # if set, the kept rows are stored quantized (ZipCache, KIVI)
 
     def protected_recent(self, layer_budget: int) -> int:
         """Rows protected at the end of a segment for a layer that keeps ``layer_budget`` rows."""
@@ -62,6 +64,7 @@ class Method(ABC):
 
     name: ClassVar[str] = "method"
     summary: ClassVar[str] = ""
+    uses_budget: ClassVar[bool] = True  # False: the token budget changes nothing (full, pure quantization)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -98,6 +101,8 @@ def get_method(method: str | Method, **params: object) -> Method:
             return dataclasses.replace(method, **params)
         return method
     key = str(method).strip().lower().replace("-", "_")
+    if "+" in key:
+        return _compose(key, params)
     if key not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(sorted(METHODS))}")
     cls = METHODS[key]
@@ -108,3 +113,59 @@ def get_method(method: str | Method, **params: object) -> Method:
             f"{key} has no parameter {', '.join(unknown)}; its parameters: {', '.join(sorted(known)) or 'none'}"
         )
     return cls(**params)
+
+
+@dataclass
+class Composed(Method):
+    """An eviction method whose kept rows are stored by a quantization method: ``"h2o+kivi"``.
+
+    Eviction chooses which rows stay (and when), quantization how many bits each one keeps; the bytes are
+    the kept rows' codes and parameters. Hyperparameters go to whichever of the two methods has them.
+    """
+
+    eviction: Method = field(default_factory=lambda: get_method("full"))
+    quantization: Method = field(default_factory=lambda: get_method("zipcache"))
+
+    def validate(self) -> None:
+        evict, quant = self.eviction.components(), self.quantization.components()
+        if quant.quantize is None or quant.schedule is not Schedule.NEVER:
+            raise ValueError(
+                f"{self.quantization.name} is not a quantization method; write EVICTION+QUANTIZATION"
+            )
+        if evict.quantize is not None:
+            raise ValueError(f"{self.eviction.name} already quantizes; write EVICTION+QUANTIZATION")
+        if not isinstance(evict.action, Evict):
+            raise ValueError(
+                f"{self.eviction.name} rewrites kept rows ({evict.action.name}), which needs them in full precision; "
+                "it does not compose with quantization"
+            )
+        self.name = f"{self.eviction.name}+{self.quantization.name}"  # type: ignore[misc]
+        self.uses_budget = self.eviction.uses_budget  # type: ignore[misc]
+
+    def components(self) -> Components:
+        quantize = self.quantization.components().quantize
+        return dataclasses.replace(self.eviction.components(), quantize=quantize)
+
+    def params(self) -> dict[str, object]:
+        return {**self.eviction.params(), **self.quantization.params()}
+
+
+def _compose(key: str, params: dict[str, object]) -> Composed:
+    """``"EVICTION+QUANTIZATION"`` with each hyperparameter routed to the method that has it."""
+    names = key.split("+")
+    if len(names) != 2 or not all(names):
+        raise ValueError(f"a composed method is EVICTION+QUANTIZATION (e.g. snapkv+zipcache), got {key!r}")
+    fields_of = {
+        name: {f.name for f in dataclasses.fields(METHODS[name])} if name in METHODS else set()
+        for name in names
+    }
+    both = sorted(set(params) & fields_of[names[0]] & fields_of[names[1]])
+    if both:
+        raise ValueError(
+            f"parameter {both[0]} belongs to both {names[0]} and {names[1]}; set it on a built method"
+        )
+    routed = [{k: v for k, v in params.items() if k in fields_of[name]} for name in names]
+    unknown = sorted(set(params) - fields_of[names[0]] - fields_of[names[1]])
+    if unknown:
+        raise ValueError(f"{key} has no parameter {', '.join(unknown)}")
+    return Composed(get_method(names[0], **routed[0]), get_method(names[1], **routed[1]))

@@ -14,6 +14,7 @@ class Full(Method):
 
     name = "full"
     summary = "no compression (reference)"
+    uses_budget = False
 
     def components(self) -> Components:
         return Components(scorer=None, allocator=None, schedule=Schedule.NEVER)

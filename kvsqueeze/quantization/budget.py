@@ -24,7 +24,7 @@ import torch
 
 from kvsqueeze.quantization.cst import cst_quantize
 from kvsqueeze.quantization.mixed import MixedQuantized, quantize_mixed
-from kvsqueeze.quantization.packing import check_bits
+from kvsqueeze.quantization.packing import check_bits, check_head_dim
 from kvsqueeze.quantization.quantizer import PARAM_DTYPES, QuantizedTensor, quantize
 
 Quantized = QuantizedTensor | MixedQuantized
@@ -61,6 +61,14 @@ class KVQuantScheme:
             raise ValueError(
                 f"unsupported parameter dtype {self.param_dtype}; choose float16, bfloat16 or float32"
             )
+
+    def check_head_dim(self, head_dim: int) -> None:
+        """Raise a one-line ``ValueError`` if heads of ``head_dim`` channels cannot be stored this way."""
+        for bits in (self.bits, self.low_bits or self.bits):
+            check_head_dim(head_dim, bits)
+        group = self.value_group_size
+        if group is not None and (group <= 0 or head_dim % group):
+            raise ValueError(f"value group size {group} does not divide the head dimension {head_dim}")
 
 
 def kivi_scheme(bits: int = 2, group_size: int = 32) -> KVQuantScheme:

@@ -76,3 +76,18 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     mask = (1 << bits) - 1
     codes = (packed.unsqueeze(-1) >> _shifts(bits, packed.device)) & mask  # (*, D/k, k)
     return codes.flatten(-2)  # (*, D)
+
+
+_FLOAT_TABLES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def unpack_codes_float(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`unpack_codes` straight to float32 ``(*, D)``, by one table lookup per byte (the decode path)."""
+    check_bits(bits)
+    key = (bits, packed.device)
+    if key not in _FLOAT_TABLES:
+        byte = torch.arange(256, dtype=torch.uint8, device=packed.device)
+        _FLOAT_TABLES[key] = ((byte[:, None] >> _shifts(bits, packed.device)) & ((1 << bits) - 1)).float()
+    table = _FLOAT_TABLES[key]  # (256, 8 // bits): the codes of every byte value
+    out = table.index_select(0, packed.reshape(-1).int())  # (numel, 8 // bits)
+    return out.view(*packed.shape[:-1], packed.shape[-1] * (8 // bits))

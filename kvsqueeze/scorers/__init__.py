@@ -3,6 +3,7 @@
 from kvsqueeze.scorers.accumulated_attention import AccumulatedAttentionScorer
 from kvsqueeze.scorers.base import Scorer, pool_scores, reduce_group
 from kvsqueeze.scorers.key_norm import KeyNormScorer
+from kvsqueeze.scorers.normalized_attention import NormalizedAttentionScorer
 from kvsqueeze.scorers.position import PositionScorer
 from kvsqueeze.scorers.random import RandomScorer
 from kvsqueeze.scorers.window_attention import WindowAttentionScorer
@@ -14,6 +15,7 @@ SCORERS: dict[str, type[Scorer]] = {
         WindowAttentionScorer,
         AccumulatedAttentionScorer,
         KeyNormScorer,
+        NormalizedAttentionScorer,
         RandomScorer,
     )
 }
@@ -22,6 +24,7 @@ __all__ = [
     "SCORERS",
     "AccumulatedAttentionScorer",
     "KeyNormScorer",
+    "NormalizedAttentionScorer",
     "PositionScorer",
     "RandomScorer",
     "Scorer",

@@ -1,0 +1,377 @@
+"""Tiered rows: a layer's rows stored partly quantized (one tier per bit width) and partly in full precision.
+
+A quantized layer keeps its recent rows in a full-precision *residual* (KIVI's residual window, ZipCache's
+streaming buffer) and moves older rows into :class:`QuantizedTier` s: packed low-bit codes per row plus
+the per-group key parameters of :mod:`kvsqueeze.quantization.rows`. Every tier, and the residual, is a
+:class:`~kvsqueeze.cache.packed.PackedRows` over the same segments (one per (sequence, KV head)), so rows
+of one head can sit at different precisions and still be evicted one by one.
+
+:class:`TieredRows` shows the tiers and the residual as one set of rows per segment, **in temporal order**
+(sorted by position), with the :class:`PackedRows` methods the layer uses (``padded``, ``keep``,
+``update_field``, ``select_segments``, ``append``, ``nbytes``). So eviction, the recent window and the
+attention masks work on a quantized layer unchanged. ``padded("keys")`` dequantizes the layer's rows for one
+attention call; the copy is dropped by :meth:`TieredRows.release` when the call ends, so at most one layer's
+full-precision keys and values exist at a time and nothing full precision stays between calls.
+
+Plain PyTorch: no transformers import.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from kvsqueeze.cache.packed import PackedRows, pad_rows
+from kvsqueeze.quantization.budget import KVQuantScheme
+from kvsqueeze.quantization.packing import unpack_codes_float
+from kvsqueeze.quantization.quantizer import EPS, round_up
+from kvsqueeze.quantization.rows import (
+    decode_tokens,
+    encode,
+    group_channel_params,
+    group_channel_peak,
+    scale_by_group,
+    token_params,
+)
+
+KV_FIELDS = ("keys", "values")
+
+
+class QuantizedTier:
+    """The rows of every segment stored at one bit width.
+
+    Per row (in ``rows``): packed key and value codes ``(N, D * bits / 8)`` uint8, per-token value
+    parameters ``(N, D / G_v)``, and the layer's other per-row fields (positions, running scores). Per row
+    group: the per-channel key step and minimum ``(S, n_groups, D)`` and, for CST values, the channel scale
+    ``c`` ``(S, n_groups, D)``. ``group_lengths`` ``(S, n_groups)`` counts each group's rows; a segment's
+    rows are stored group after group, so a row's group follows from the counts and costs no bytes.
+    """
+
+    def __init__(
+        self, scheme: KVQuantScheme, bits: int, num_segments: int, head_dim: int, device: torch.device
+    ) -> None:
+        self.scheme, self.bits = scheme, bits
+        self.rows = PackedRows(num_segments, device=device)
+        empty = torch.empty(num_segments, 0, head_dim, dtype=scheme.param_dtype, device=device)
+        self.key_steps, self.key_mins = empty, empty.clone()
+        self.value_scale = empty.clone() if scheme.value_cst else None
+        self.group_lengths = torch.zeros(num_segments, 0, dtype=torch.long, device=device)
+
+    @property
+    def num_segments(self) -> int:
+        return self.rows.num_segments
+
+    def add(
+        self,
+        keys: torch.Tensor,  # (M, D)
+        values: torch.Tensor,  # (M, D)
+        segments: torch.Tensor,  # (M,) sorted
+        groups: torch.Tensor,  # (M,) group of each row within this event, non-decreasing per segment
+        num_groups: int,
+        channel_scale: torch.Tensor | None,  # (S, num_groups, D) CST divisor, shared with the other tiers
+        extra: dict[str, torch.Tensor],  # other per-row fields, (M, *feature)
+    ) -> None:
+        """Quantize rows and append them, as ``num_groups`` new row groups of every segment."""
+        s, d = self.num_segments, keys.shape[-1]
+        flat = segments * num_groups + groups  # (M,) into this event's (S * num_groups) groups
+        steps, mins = group_channel_params(
+            keys, flat, s * num_groups, self.bits, param_dtype=self.scheme.param_dtype
+        )  # (S * n, D)
+        key_codes = encode(keys, steps[flat], mins[flat], self.bits)
+        if channel_scale is not None:
+            values = values.float() / channel_scale.reshape(-1, d)[flat].float()
+        v_steps, v_mins = token_params(
+            values, self.bits, self.scheme.value_group_size, param_dtype=self.scheme.param_dtype
+        )
+        value_codes = encode(values, v_steps, v_mins, self.bits)
+        self.key_steps = torch.cat([self.key_steps, steps.view(s, num_groups, d)], dim=1)
+        self.key_mins = torch.cat([self.key_mins, mins.view(s, num_groups, d)], dim=1)
+        if self.value_scale is not None:
+            self.value_scale = torch.cat([self.value_scale, channel_scale], dim=1)
+        counts = torch.bincount(flat, minlength=s * num_groups).view(s, num_groups)
+        self.group_lengths = torch.cat([self.group_lengths, counts], dim=1)
+        fields = {
+            "key_codes": key_codes,
+            "value_codes": value_codes,
+            "value_steps": v_steps,
+            "value_mins": v_mins,
+        }
+        self.rows.append_rows(segments, {**fields, **extra})
+
+    def _row_groups(self) -> torch.Tensor:
+        """(N,) flat index of each stored row's group into the ``(S * n_groups)`` tables."""
+        counts = self.group_lengths.reshape(-1)
+        return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+
+    def dequantize(self, name: str) -> torch.Tensor:
+        """Keys or values of every stored row, ``(N, D)`` fp32, in storage order."""
+        fields, d = self.rows.fields, self.key_steps.shape[-1]
+        if not fields:
+            return torch.empty(0, d, device=self.key_steps.device)
+        counts = self.group_lengths.reshape(-1)
+        if name == "keys":
+            keys = unpack_codes_float(fields["key_codes"], self.bits)  # (N, D)
+            return scale_by_group(keys, self.key_steps.reshape(-1, d), self.key_mins.reshape(-1, d), counts)
+        values = decode_tokens(fields["value_codes"], fields["value_steps"], fields["value_mins"], self.bits)
+        if self.value_scale is not None:
+            scale_by_group(values, self.value_scale.reshape(-1, d), None, counts)
+        return values
+
+    def element_steps(self, name: str) -> torch.Tensor:
+        """The quantization step of every element of the stored keys or values, ``(N, D)`` fp32.
+
+        Each reconstructed element is within half its step of the original (up to fp32 rounding).
+        """
+        fields, d = self.rows.fields, self.key_steps.shape[-1]
+        group = self._row_groups()
+        if name == "keys":
+            return self.key_steps.reshape(-1, d)[group].float()
+        steps = fields["value_steps"].float().repeat_interleave(d // fields["value_steps"].shape[-1], dim=-1)
+        if self.value_scale is not None:
+            steps = steps * self.value_scale.reshape(-1, d)[group].float()
+        return steps
+
+    def keep_rows(self, mask: torch.Tensor) -> None:
+        """Keep the rows where ``mask`` ``(N,)`` is True; the group tables stay (their rows may come back
+        no more, but a group's parameters are a few bytes per segment)."""
+        group = self._row_groups()
+        s, n = self.group_lengths.shape
+        self.group_lengths = torch.bincount(group[mask], minlength=s * n).view(s, n)
+        self.rows.keep_rows(mask)
+
+    def select_segments(self, segments: torch.Tensor) -> None:
+        self.rows.select_segments(segments)
+        self.key_steps, self.key_mins = self.key_steps[segments], self.key_mins[segments]
+        if self.value_scale is not None:
+            self.value_scale = self.value_scale[segments]
+        self.group_lengths = self.group_lengths[segments]
+
+    def nbytes(self, names: tuple[str, ...] | None = None) -> int:
+        """Bytes of codes and parameters (``keys``, ``values``) and of the other per-row fields."""
+        tables = {
+            "keys": (self.key_steps, self.key_mins),
+            "values": () if self.value_scale is None else (self.value_scale,),
+        }
+        stored = {"keys": ("key_codes",), "values": ("value_codes", "value_steps", "value_mins")}
+        if names is None:
+            codes = {field for fields in stored.values() for field in fields}
+            names = KV_FIELDS + tuple(n for n in self.rows.fields if n not in codes)
+        total = 0
+        for name in names:
+            total += self.rows.nbytes(stored.get(name, (name,)))
+            total += sum(t.numel() * t.element_size() for t in tables.get(name, ()))
+        return total
+
+
+class TieredRows:
+    """A layer's rows: quantized tiers plus a full-precision residual, seen as one temporal set per segment.
+
+    Args:
+        residual: the layer's full-precision rows (fields ``keys``, ``values``, ``positions`` and any
+            per-row state); it becomes the residual, and :meth:`quantize` moves rows out of it.
+        scheme: how rows are quantized: one tier at ``scheme.bits``, and a second at ``scheme.low_bits``
+            when the scheme splits tokens (ZipCache).
+    """
+
+    def __init__(self, residual: PackedRows, scheme: KVQuantScheme, dtype: torch.dtype) -> None:
+        keys = residual.fields["keys"]
+        self.scheme, self.dtype = scheme, dtype
+        self.residual = residual
+        bits = (scheme.bits,) if scheme.low_ratio == 0 else (scheme.bits, scheme.low_bits)
+        self.tiers = [
+            QuantizedTier(scheme, b, residual.num_segments, keys.shape[-1], keys.device) for b in bits
+        ]
+        self._invalidate()
+
+    # ------------------------------------------------------------------ the combined view
+
+    def _parts(self) -> list[PackedRows]:
+        return [tier.rows for tier in self.tiers] + [self.residual]
+
+    def _invalidate(self, tiers: bool = True) -> None:
+        """Forget derived state: the dequantized view always, the tiers' slots when the tiers changed."""
+        if tiers:
+            self._tier_slots: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._dense: dict[str, torch.Tensor] = {}
+
+    def release(self) -> None:
+        """Drop the dequantized keys and values of the current attention call."""
+        self._dense = {}
+
+    @property
+    def num_segments(self) -> int:
+        return self.residual.num_segments
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(S,) rows per segment, all tiers and the residual together."""
+        return self.residual.lengths + self._tier_lengths()
+
+    def _tier_lengths(self) -> torch.Tensor:
+        return sum((tier.rows.lengths for tier in self.tiers), torch.zeros_like(self.residual.lengths))
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.lengths.sum())
+
+    @property
+    def is_uniform(self) -> bool:
+        lengths = self.lengths
+        return bool((lengths == lengths[0]).all()) if lengths.numel() else True
+
+    @property
+    def max_length(self) -> int:
+        lengths = self.lengths
+        return int(lengths.max()) if lengths.numel() else 0
+
+    def has_field(self, name: str) -> bool:
+        return self.residual.has_field(name)
+
+    def valid_mask(self) -> torch.Tensor:
+        """(S, T_max) bool: True where a padded slot holds a stored row."""
+        t = torch.arange(self.max_length, device=self.residual.lengths.device)
+        return t[None, :] < self.lengths[:, None]
+
+    def slots(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Where every stored row sits in the combined view: per part (tiers, then the residual), its rows'
+        segment and slot ``(N_p,)`` each. A segment's slots are its rows in temporal order: the quantized
+        rows sorted by position, then the residual, which only ever holds the newest rows."""
+        if self._tier_slots is None:
+            segments = [tier.rows.segment_of_row()[0] for tier in self.tiers]
+            positions = [
+                tier.rows.fields["positions"].long() if tier.rows.fields else seg
+                for tier, seg in zip(self.tiers, segments, strict=True)
+            ]
+            seg, pos = torch.cat(segments), torch.cat(positions)
+            span = int(pos.max()) + 2 if pos.numel() else 1
+            order = torch.argsort(seg * span + pos, stable=True)
+            counts = torch.bincount(seg, minlength=self.num_segments)
+            rank = torch.empty_like(order)
+            rank[order] = torch.arange(order.numel(), device=order.device)
+            within = rank - (torch.cumsum(counts, 0) - counts)[seg]
+            sizes = [s.numel() for s in segments]
+            self._tier_slots = list(zip(seg.split(sizes), within.split(sizes), strict=True))
+        seg, within = self.residual.segment_of_row()
+        return [*self._tier_slots, (seg, within + self._tier_lengths()[seg])]
+
+    def _parts(self) -> list[PackedRows]:
+        return [tier.rows for tier in self.tiers] + [self.residual]
+
+    def padded(self, name: str, fill: float = 0) -> torch.Tensor:
+        """Field ``name`` as (S, T_max, *feature), rows in temporal order; keys and values dequantized."""
+        if name in self._dense:
+            return self._dense[name]
+        own = self.residual.fields[name]
+        kv = name in KV_FIELDS
+        dtype = self.dtype if kv else own.dtype
+        out = own.new_full((self.num_segments, self.max_length, *own.shape[1:]), fill, dtype=dtype)
+        for (seg, within), tier in zip(self.slots(), self.tiers, strict=False):
+            if tier.rows.fields:
+                out[seg, within] = tier.dequantize(name).to(dtype) if kv else tier.rows.fields[name]
+        seg, within = self.slots()[-1]
+        out[seg, within] = own.to(dtype)
+        if kv:
+            self._dense[name] = out
+        return out
+
+    def _gather(self, padded: torch.Tensor) -> list[torch.Tensor]:
+        """A per-row tensor given as (S, T_max, *feature) in combined order, split per part's stored rows."""
+        return [padded[seg, within] for seg, within in self.slots()]
+
+    def residual_part(self, padded: torch.Tensor) -> torch.Tensor:
+        """The residual's share of a (S, T_max) per-row tensor, as the residual's own (S, T_res) padding."""
+        return pad_rows(self._gather(padded)[-1], self.residual.lengths, None)
+
+    # ------------------------------------------------------------------ changing rows
+
+    def keep(self, mask: torch.Tensor) -> None:
+        """Keep the rows where ``mask`` (S, T_max), in combined order, is True; free the others."""
+        parts = self._gather(mask)
+        for tier, keep in zip(self.tiers, parts, strict=False):
+            tier.keep_rows(keep)
+        self.residual.keep_rows(parts[-1])
+        self._invalidate(tiers=any(bool(~keep.all()) for keep in parts[:-1]))
+
+    def update_field(self, name: str, padded: torch.Tensor) -> None:
+        """Write a per-row field (a running score) given as (S, T_max, *feature) in combined order."""
+        if name in KV_FIELDS:
+            raise ValueError(
+                "quantized keys and values cannot be rewritten in place (merging needs full precision)"
+            )
+        parts = self._gather(padded)
+        for part, data in zip(self._parts(), parts, strict=True):
+            if part.fields:  # a tier that never received rows gets the field with its first rows
+                part.fields[name] = data.to(part.fields[name].dtype) if name in part.fields else data
+        self._dense.pop(name, None)
+
+    def select_segments(self, segments: torch.Tensor) -> None:
+        for tier in self.tiers:
+            tier.select_segments(segments)
+        self.residual.select_segments(segments)
+        self._invalidate()
+
+    def append(self, new: dict[str, torch.Tensor], keep: torch.Tensor | None = None) -> None:
+        """New rows go to the full-precision residual."""
+        self.residual.append(new, keep)
+        self._invalidate(tiers=False)
+
+    def nbytes(self, names: tuple[str, ...] | None = None) -> int:
+        """Bytes held: codes and parameters of the tiers plus the residual's rows."""
+        return sum(tier.nbytes(names) for tier in self.tiers) + self.residual.nbytes(names)
+
+    def clone(self) -> TieredRows:
+        self.release()
+        return copy.deepcopy(self)
+
+    # ------------------------------------------------------------------ quantizing
+
+    def quantize(self, select: torch.Tensor, saliency: torch.Tensor | None = None) -> None:
+        """Move the residual rows marked by ``select`` (S, T_res) into the quantized tiers.
+
+        ``saliency`` (S, T_res) ranks them for a split scheme: in each segment the ``floor(low_ratio * n)``
+        least salient of its ``n`` selected rows go to the low-bit tier.
+        """
+        scheme, res = self.scheme, self.residual
+        seg, within = res.segment_of_row()
+        chosen = select[seg, within]  # (N_res,)
+        if not bool(chosen.any()):
+            return
+        moving = {name: data[chosen] for name, data in res.fields.items()}
+        segments = seg[chosen]  # (M,) sorted
+        counts = select.sum(-1)  # (S,)
+        rank = (torch.cumsum(select, -1) - 1)[select]  # (M,) index among the segment's chosen rows
+        if scheme.key_group_size is None:
+            groups, num_groups = torch.zeros_like(rank), 1
+        else:
+            groups = rank // scheme.key_group_size
+            num_groups = -(-int(counts.max()) // scheme.key_group_size)
+        channel_scale = None
+        if scheme.value_cst:
+            peak = group_channel_peak(
+                moving["values"], segments * num_groups + groups, self.num_segments * num_groups
+            )
+            channel_scale = round_up(peak.sqrt().clamp_min(EPS), scheme.param_dtype)
+            channel_scale = channel_scale.view(self.num_segments, num_groups, -1)
+        low = torch.zeros_like(segments, dtype=torch.bool)
+        if len(self.tiers) > 1:
+            if saliency is None:
+                raise ValueError(f"scheme {scheme.name!r} splits rows by saliency; pass saliency")
+            low = _lowest(saliency, select, (scheme.low_ratio * counts).floor().long())[select]
+        for tier, take in zip(self.tiers, (~low, low), strict=False):
+            keys, values = moving["keys"][take], moving["values"][take]
+            extra = {n: d[take] for n, d in moving.items() if n not in KV_FIELDS}
+            tier.add(keys, values, segments[take], groups[take], num_groups, channel_scale, extra)
+        res.keep_rows(~chosen)
+        self._invalidate()
+
+
+def _lowest(scores: torch.Tensor, select: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """(S, T) bool: the ``count[s]`` lowest ``scores`` among the ``select`` ed slots of each segment."""
+    ranked = scores.float().masked_fill(~select, float("inf"))
+    rank = torch.empty_like(ranked, dtype=torch.long).scatter_(
+        1,
+        ranked.argsort(dim=-1, stable=True),
+        torch.arange(ranked.shape[-1], device=ranked.device).expand_as(ranked),
+    )
+    return (rank < count[:, None]) & select
