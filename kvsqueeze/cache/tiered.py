@@ -186,9 +186,6 @@ class TieredRows:
 
     # ------------------------------------------------------------------ the combined view
 
-    def _parts(self) -> list[PackedRows]:
-        return [tier.rows for tier in self.tiers] + [self.residual]
-
     def _invalidate(self, tiers: bool = True) -> None:
         """Forget derived state: the dequantized view always, the tiers' slots when the tiers changed."""
         if tiers:
@@ -266,10 +263,11 @@ class TieredRows:
         kv = name in KV_FIELDS
         dtype = self.dtype if kv else own.dtype
         out = own.new_full((self.num_segments, self.max_length, *own.shape[1:]), fill, dtype=dtype)
-        for (seg, within), tier in zip(self.slots(), self.tiers, strict=False):
+        slots = self.slots()
+        for (seg, within), tier in zip(slots, self.tiers, strict=False):
             if tier.rows.fields:
                 out[seg, within] = tier.dequantize(name).to(dtype) if kv else tier.rows.fields[name]
-        seg, within = self.slots()[-1]
+        seg, within = slots[-1]
         out[seg, within] = own.to(dtype)
         if kv:
             self._dense[name] = out
