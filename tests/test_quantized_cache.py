@@ -26,7 +26,7 @@ def small_params(name: str) -> dict:
     params = {}
     for part in name.split("+"):
         params.update(SMALL.get(part, {}))
-        if part in ("snapkv", "cake", "adakv"):
+        if part in ("snapkv", "cake", "adakv", "pyramidkv"):
             params["window"] = 8
     return params
 
@@ -278,3 +278,13 @@ def test_float_unpacking_matches_integer_unpacking(bits):
     )
     packed = pack_codes(codes, bits)
     assert torch.equal(unpack_codes_float(packed, bits), unpack_codes(packed, bits).float())
+
+
+@pytest.mark.parametrize("name", ["cake", "h2o+kivi", "snapkv+zipcache", "full"])
+def test_incremental_size_tracking_equals_the_layers_bytes(model, name):
+    """Layers note their own size changes; the running total always equals the sum over layers."""
+    ids, mask = left_padded_batch([70, 50], seed=5)
+    cache = SqueezeCache(model, name, 0.4 if name != "full" else 1.0, **small_params(name))
+    model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert cache.group.total_nbytes == cache.nbytes()
+    assert cache.peak_nbytes() >= cache.nbytes()

@@ -22,7 +22,7 @@ class LayerGroup:
     def __init__(self, layers: list[SqueezeLayer]) -> None:
         self.layers = layers
         self.statistics: list[torch.Tensor | None] = [None] * len(layers)
-        self.peak_nbytes = 0
+        self.reset()
 
     def record(self, layer_idx: int, statistic: torch.Tensor) -> list[torch.Tensor]:
         """Store a layer's statistic; the statistics of layers ``0..layer_idx`` (all must be there)."""
@@ -33,10 +33,18 @@ class LayerGroup:
             raise ValueError(f"layer {missing[0]} recorded no statistic before layer {layer_idx}")
         return seen  # type: ignore[return-value]
 
-    def note_size(self) -> None:
-        """Update the peak with the bytes all layers hold now."""
-        self.peak_nbytes = max(self.peak_nbytes, sum(layer.nbytes() for layer in self.layers))
+    def note_size(self, layer: SqueezeLayer) -> None:
+        """``layer`` changed size: update the total the layers hold and its peak.
+
+        Each layer notes its own changes, so this costs one layer's ``nbytes()``, not all of them.
+        """
+        size = layer.nbytes()
+        self.total_nbytes += size - self.sizes[layer.layer_idx]
+        self.sizes[layer.layer_idx] = size
+        self.peak_nbytes = max(self.peak_nbytes, self.total_nbytes)
 
     def reset(self) -> None:
         self.statistics = [None] * len(self.layers)
+        self.sizes = [0] * len(self.layers)
+        self.total_nbytes = 0
         self.peak_nbytes = 0

@@ -111,8 +111,7 @@ class SqueezeLayer(CacheLayerMixin):
             new["score"] = torch.zeros(b * h, q, dtype=torch.float32, device=key_states.device)
         self.rows.append(new)
         self.seen += q
-        if self.group is not None:
-            self.group.note_size()
+        self._note_size()
         keys, values = self.keys, self.values
         bind(keys, self)
         return keys, values
@@ -232,6 +231,7 @@ class SqueezeLayer(CacheLayerMixin):
         self._compress(obs)
         self._quantize(obs)
         self.rows.release()  # the dequantized keys and values of a quantized layer live for one call
+        self._note_size()
         return output
 
     def adopt_prefill(self, source: SqueezeLayer) -> None:
@@ -257,6 +257,7 @@ class SqueezeLayer(CacheLayerMixin):
         self._compress(obs)
         self._quantize(obs)
         self.rows.release()
+        self._note_size()
 
     def _observe(
         self,
@@ -328,8 +329,10 @@ class SqueezeLayer(CacheLayerMixin):
                 )
             self._score_and_select(obs)
         self.compression_seconds += time.perf_counter() - start
+
+    def _note_size(self) -> None:
         if self.group is not None:
-            self.group.note_size()
+            self.group.note_size(self)
 
     def _quantize(self, obs: Observation) -> None:
         """Quantize the rows that are due (all after the prompt, a block at a time during decode)."""
@@ -349,8 +352,6 @@ class SqueezeLayer(CacheLayerMixin):
             saliency = self.rows.residual_part(scores.reshape(-1, scores.shape[-1]))
         self.rows.quantize(due, saliency)
         self.compression_seconds += time.perf_counter() - start
-        if self.group is not None:
-            self.group.note_size()
 
     def _score_and_select(self, obs: Observation) -> None:
         """Score the stored rows (keeping a running score up to date) and evict down to the budget."""
@@ -405,6 +406,7 @@ class SqueezeLayer(CacheLayerMixin):
         stored = self._stored_rows()
         scores = self.rows.padded("score").view(b, h, t)
         self._select(scores, stored["key_positions"], stored["key_valid"], None)
+        self._note_size()
 
     def _set_budget(self, budget: torch.Tensor) -> None:
         """This layer's rows per head (B,) after the prompt, and the recent rows it protects."""
