@@ -49,11 +49,7 @@ class PackedRows:
 
     def segment_of_row(self) -> tuple[torch.Tensor, torch.Tensor]:
         """For every packed row: its segment and its index inside the segment, each (N,)."""
-        seg = torch.repeat_interleave(
-            torch.arange(self.num_segments, device=self.lengths.device), self.lengths
-        )
-        within = torch.arange(seg.numel(), device=seg.device) - self.offsets()[seg]
-        return seg, within
+        return rows_of_segments(self.lengths)
 
     def has_field(self, name: str) -> bool:
         return name in self.fields
@@ -218,7 +214,12 @@ def pad_rows(
         return data.view(num_segments, uniform_length, *feature)
     width = int(lengths.max()) if num_segments else 0
     out = data.new_full((num_segments, width, *feature), fill)
-    seg = torch.repeat_interleave(torch.arange(num_segments, device=lengths.device), lengths)
-    within = torch.arange(seg.numel(), device=seg.device) - (torch.cumsum(lengths, 0) - lengths)[seg]
-    out[seg, within] = data
+    out[rows_of_segments(lengths)] = data
     return out
+
+
+def rows_of_segments(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the packed rows of segments with ``lengths`` ``(S,)``: each row's segment and index in it, (N,)."""
+    seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+    within = torch.arange(seg.numel(), device=seg.device) - (torch.cumsum(lengths, 0) - lengths)[seg]
+    return seg, within
