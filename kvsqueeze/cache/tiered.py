@@ -27,6 +27,7 @@ from kvsqueeze.quantization.budget import KVQuantScheme
 from kvsqueeze.quantization.packing import unpack_codes_float
 from kvsqueeze.quantization.quantizer import EPS, round_up
 from kvsqueeze.quantization.rows import (
+    broadcast_params,
     decode_tokens,
     encode,
     group_channel_params,
@@ -127,7 +128,7 @@ class QuantizedTier:
         group = self._row_groups()
         if name == "keys":
             return self.key_steps.reshape(-1, d)[group].float()
-        steps = fields["value_steps"].float().repeat_interleave(d // fields["value_steps"].shape[-1], dim=-1)
+        steps = broadcast_params(fields["value_steps"], d)
         if self.value_scale is not None:
             steps = steps * self.value_scale.reshape(-1, d)[group].float()
         return steps

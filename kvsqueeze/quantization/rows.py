@@ -85,7 +85,7 @@ def encode(x: torch.Tensor, steps: torch.Tensor, mins: torch.Tensor, bits: int) 
     """
     n, d = x.shape
     check_head_dim(d, bits)
-    step, low = _broadcast(steps, d), _broadcast(mins, d)
+    step, low = broadcast_params(steps, d), broadcast_params(mins, d)
     codes = torch.round((x.float() - low) / step).clamp_(0, (1 << bits) - 1)
     return pack_codes(codes.to(torch.uint8), bits)
 
@@ -124,8 +124,8 @@ def scale_by_group(
     return x
 
 
-def _broadcast(params: torch.Tensor, d: int) -> torch.Tensor:
-    """(N, D // G) -> (N, D) by repeating each group's parameter over its channels; (N, D) unchanged."""
+def broadcast_params(params: torch.Tensor, d: int) -> torch.Tensor:
+    """fp32 (N, D // G) -> (N, D) by repeating each group's parameter over its channels; (N, D) unchanged."""
     params = params.float()
     if params.shape[-1] == d:
         return params
