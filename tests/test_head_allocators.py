@@ -29,8 +29,11 @@ def adakv_reference(scores: list[list[float]], base: int, alpha: float) -> list[
 
 
 def mass_reference(scores: list[float], p: float) -> int:
-    """Fewest rows whose share of the total reaches p."""
+    """Fewest rows whose share of the total reaches p; p = 1 keeps every row (the method's lossless setting,
+    which a float sum must not cut short when the last rows are nearly zero)."""
     ordered = sorted((max(s, 0.0) for s in scores), reverse=True)
+    if p >= 1.0:
+        return len(ordered)
     total, running = sum(ordered), 0.0
     for n, s in enumerate(ordered, start=1):
         running += s
