@@ -23,7 +23,7 @@ from pathlib import Path
 
 import kvsqueeze
 from kvsqueeze.bench import TASKS
-from kvsqueeze.bench.report import markdown_table, mean_of, plot_results, replace_block
+from kvsqueeze.bench.report import markdown_table, mean_of, plot_results, ratio_summary, replace_block
 from kvsqueeze.bench.runner import BenchConfig, MethodSpec, load_records, run_bench
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,29 +32,32 @@ MODEL = "qwen2.5-coder-0.5b"
 COMMAND = ".venv/bin/python scripts/bench_report.py --write"
 KVPRESS_SETTINGS = ["query_agnostic"]
 STAGES = ("query_agnostic", "query_aware", "kvpress")
-METHODS_PUBLISHED = (
-    "full",
-    "h2o",
-    "knorm",
-    "pyramidkv",
-    "random",
-    "snapkv",
-    "streaming_llm",
-    "zipcache",  # quantization: every token kept, so one row each (no keep ratio)
-    "kivi",
+METHODS_PUBLISHED = ("full", "h2o", "knorm", "pyramidkv", "random", "snapkv", "streaming_llm")
+ADAPTIVE = ("adakv", "cake", "d2o", "mass", "prefixkv")  # issue 4's rows, at the ratios it asks for
+ADAPTIVE_BUDGETS = (0.1, 0.25)
+QUANTIZED = ("zipcache", "kivi")  # every token kept, so one row each (no keep ratio); query-agnostic only
+SETTINGS = ("query_agnostic", "query_aware")
+RIVAL_NOTE = (
+    "kvpress's best press is the one with the best average at that ratio, run query-agnostic; "
+    "KVzip and AdaKV mask rather than drop rows, so their bytes stay near the full cache's."
 )
 
 
-def config(samples: int) -> BenchConfig:
+def config(samples: int, setting: str) -> BenchConfig:
+    """The published grid of one setting."""
+    methods = [MethodSpec(name) for name in METHODS_PUBLISHED]
+    methods += [MethodSpec(name, budgets=ADAPTIVE_BUDGETS) for name in ADAPTIVE]
+    if setting == "query_agnostic":
+        methods += [MethodSpec(name) for name in QUANTIZED]
     return BenchConfig(
-        methods=[MethodSpec(name) for name in METHODS_PUBLISHED],
+        methods=methods,
         budgets=[0.1, 0.25, 0.5],
         tasks=sorted(TASKS),
         lengths=[4096],
         num_samples=samples,
         seed=0,
         haystack="pydocs",
-        settings=["query_agnostic", "query_aware"],
+        settings=[setting],
         fidelity_tokens=64,
     )
 
@@ -124,35 +127,30 @@ def main() -> None:
 
 def report(args: argparse.Namespace) -> None:
     """Run the stages asked for, then print (and with --write, publish) the tables."""
-    bench = config(args.samples)
     stages = [stage for stage in args.stages.split(",") if stage]  # --stages '' only writes the report
     if unknown := set(stages) - set(STAGES):
         raise SystemExit(f"unknown stage {sorted(unknown)[0]!r}; stages: {', '.join(STAGES)}")
-    tasks = args.tasks.split(",") if args.tasks else bench.tasks
-    settings = [s for s in bench.settings if s in stages]
+    bench = {setting: config(args.samples, setting) for setting in SETTINGS}
+    tasks = args.tasks.split(",") if args.tasks else sorted(TASKS)
     model, tokenizer = kvsqueeze.load_model(MODEL)
-    if settings:
-        run_bench(
-            model,
-            tokenizer,
-            dataclasses.replace(bench, tasks=tasks, settings=settings),
-            OUT,
-            model_name=MODEL,
-        )
+    for setting in (s for s in SETTINGS if s in stages):
+        run_bench(model, tokenizer, dataclasses.replace(bench[setting], tasks=tasks), OUT, model_name=MODEL)
     if "kvpress" in stages:
         from kvsqueeze.bench.baseline import run_kvpress_baseline
 
-        agnostic = dataclasses.replace(bench, tasks=tasks, settings=KVPRESS_SETTINGS)
+        agnostic = dataclasses.replace(bench["query_agnostic"], tasks=tasks)
         run_kvpress_baseline(model, tokenizer, agnostic, OUT, MODEL)
-    records = load_records(bench, OUT)
+    records = [record for setting in SETTINGS for record in load_records(bench[setting], OUT)]
     pressed, failures = kvpress_results()
     records += pressed
     plots = plot_results(records, OUT / "plots")
     total = sum(wall_history())
+    grid = bench["query_agnostic"]
     lines = [
-        f"Model `{MODEL}` (fp32, 2 CPU threads), {bench.lengths[0]}-token contexts, "
-        f"{bench.num_samples} sample(s) per task (seed {bench.seed}, `{bench.haystack}` haystack), "
-        f"keep ratios {', '.join(f'{b:g}' for b in bench.budgets)}. Command: `{COMMAND}` "
+        f"Model `{MODEL}` (fp32, 2 CPU threads), {grid.lengths[0]}-token contexts, "
+        f"{grid.num_samples} sample(s) per task (seed {grid.seed}, `{grid.haystack}` haystack), "
+        f"keep ratios {', '.join(f'{b:g}' for b in grid.budgets)} (the adaptive methods "
+        f"{', '.join(f'{b:g}' for b in ADAPTIVE_BUDGETS)}). Command: `{COMMAND}` "
         f"(it resumes from the run records in `docs/bench/`; the invocations before the one that wrote "
         f"this took {total / 60:.0f} min of wall time in all, see `docs/bench/wall_seconds.json`).",
         "",
@@ -170,8 +168,18 @@ def report(args: argparse.Namespace) -> None:
     ]
     if failures:
         lines += ["", "kvpress presses that failed (no row): " + "; ".join(failures) + "."]
+    adaptive = ["snapkv", "pyramidkv", *ADAPTIVE]
+    for setting in SETTINGS:
+        lines += [
+            "",
+            f"### Adaptive eviction at a glance, {setting}",
+            "",
+            f"Average score in % over the tasks (in brackets: stored bytes / full cache). {RIVAL_NOTE}",
+            "",
+            ratio_summary(records, setting, adaptive, list(ADAPTIVE_BUDGETS), KVPRESS_SETTINGS[0]),
+        ]
     shared = sorted({r["task"] for r in pressed})
-    if shared and len(shared) < len(bench.tasks):
+    if shared and len(shared) < len(grid.tasks):
         same = [r for r in records if r["task"] in shared]
         lines += [
             "",
@@ -179,7 +187,7 @@ def report(args: argparse.Namespace) -> None:
             "",
             markdown_table(same, "query_agnostic"),
         ]
-    for setting in bench.settings:
+    for setting in SETTINGS:
         lines += ["", f"### {setting}, every task", "", markdown_table(records, setting)]
         lines += ["", *[f"![{p.stem}](bench/plots/{p.name})" for p in plots if p.stem.endswith(setting)]]
     body = "\n".join(lines)

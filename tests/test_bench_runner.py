@@ -70,10 +70,11 @@ def test_deterministic_and_resumable(model_and_tokenizer, tmp_path):
     assert strip(again) == strip(first)
     grown = config(settings=["query_agnostic"], tasks=["niah_single_number"], budgets=[0.25])
     grown.methods.append(MethodSpec("knorm"))  # a new method: only its record is written
+    grown.methods.append(MethodSpec("random", budgets=(0.1,)))  # at its own budget, not the config's
     run_bench(model, tokenizer, grown, tmp_path / "a", progress=False)
     after = {p: p.stat().st_mtime_ns for p in (tmp_path / "a").rglob("*.json")}
     assert {p: t for p, t in after.items() if p in before} == before
-    assert [p.name for p in set(after) - set(before)] == ["knorm@0.25.json"]
+    assert sorted(p.name for p in set(after) - set(before)) == ["knorm@0.25.json", "random@0.1.json"]
 
 
 def test_replace_block_keeps_the_rest_of_the_file(tmp_path):
@@ -120,6 +121,7 @@ def test_fidelity_of_identical_distributions():
         ({"tasks": ["nope"]}, "unknown task"),
         ({"methods": [MethodSpec("nope")]}, "unknown method"),
         ({"budgets": [1.5]}, "budget"),
+        ({"methods": [MethodSpec("h2o", budgets=(0.0,))]}, "budget"),
         ({"settings": ["sideways"]}, "setting"),
     ],
 )

@@ -73,6 +73,62 @@ def markdown_table(records: list[dict], setting: str) -> str:
     return "\n".join(lines)
 
 
+def ratio_summary(
+    records: list[dict], setting: str, methods: list[str], budgets: list[float], rival_setting: str
+) -> str:
+    """Average score (and bytes / full) over the tasks of ``setting`` for the kvsqueeze ``methods`` at each
+    budget, beside the full cache and the best kvpress press of ``rival_setting`` at the same budget."""
+    tasks = sorted({r["task"] for r in records if r["setting"] == setting})
+
+    def cell(rows: list[dict]) -> str:
+        if not rows:
+            return "not run"
+        by_task = {r["task"]: r for r in rows}
+        done = f" ({len(by_task)} of {len(tasks)} tasks)" if len(by_task) < len(tasks) else ""
+        size = mean_of(r["cache_bytes"] / max(1, r["full_cache_bytes"]) for r in rows)
+        return f"{_pct(mean_of(r['score'] for r in by_task.values()))} ({size:.2f}){done}"
+
+    def ours(method: str, budget: float) -> list[dict]:
+        return [
+            r
+            for r in records
+            if r["setting"] == setting
+            and r.get("source", "kvsqueeze") == "kvsqueeze"
+            and r["method"] == method
+            and (method == "full" or float(r["budget"]) == budget)
+        ]
+
+    def best_press(budget: float) -> tuple[str, list[dict]]:
+        presses: dict[str, list[dict]] = defaultdict(list)
+        for r in records:
+            if (
+                r.get("source") == "kvpress"
+                and r["setting"] == rival_setting
+                and float(r["budget"]) == budget
+            ):
+                presses[r["method"]].append(r)
+        if not presses:
+            return "kvpress", []
+        name = max(presses, key=lambda m: mean_of(r["score"] for r in presses[m]))
+        return name, presses[name]
+
+    header = ["row", *[f"keep {b:g}" for b in budgets]]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "| --- |" + " ---: |" * len(budgets),
+        "| full cache | " + " | ".join(cell(ours("full", 1.0)) for _ in budgets) + " |",
+    ]
+    presses = [best_press(b) for b in budgets]
+    lines.append(
+        f"| kvpress's best press ({rival_setting}) | "
+        + " | ".join(f"{name}: {cell(rows)}" for name, rows in presses)
+        + " |"
+    )
+    for method in methods:
+        lines.append(f"| {method} | " + " | ".join(cell(ours(method, b)) for b in budgets) + " |")
+    return "\n".join(lines)
+
+
 def plot_results(records: list[dict], out: Path) -> list[Path]:
     """score vs budget per task, stored bytes vs budget, decode tok/s vs context length. Returns the PNGs."""
     import matplotlib

@@ -43,6 +43,7 @@ class MethodSpec:
     name: str
     params: dict = field(default_factory=dict)
     profile: str | None = None  # a layer profile JSON (``kvsqueeze profile``) replacing its layer budgets
+    budgets: tuple[float, ...] | None = None  # keep ratios of this method only (None: the config's)
 
     @property
     def label(self) -> str:
@@ -77,7 +78,7 @@ class BenchConfig:
             get_task(task)
         for spec in self.methods:
             spec.build()
-        for budget in self.budgets:
+        for budget in [*self.budgets, *(b for spec in self.methods for b in spec.budgets or ())]:
             Budget.parse(float(budget))
         for setting in self.settings:
             if setting not in SETTINGS:
@@ -239,10 +240,11 @@ def _run_path(out: Path, setting: str, task: str, length: int, label: str, budge
 
 
 def iterate_runs(config: BenchConfig) -> list[tuple[MethodSpec, float]]:
-    """All (method, budget) pairs; methods the budget does not change (full, pure quantization) run once, at 1."""
+    """All (method, budget) pairs: each method at its own budgets, else the config's; methods the budget does
+    not change (full, pure quantization) run once, at 1."""
     runs: list[tuple[MethodSpec, float]] = []
     for spec in config.methods:
-        budgets = config.budgets if spec.build().uses_budget else [1.0]
+        budgets = (spec.budgets or config.budgets) if spec.build().uses_budget else [1.0]
         runs.extend((spec, float(b)) for b in budgets)
     if not any(spec.name == "full" for spec, _ in runs):
         runs.insert(0, (MethodSpec("full"), 1.0))
