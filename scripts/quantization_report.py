@@ -12,6 +12,10 @@ One run, one process, one prompt (the benchmark's 4k ``qa_generated`` sample, se
    the decode tokens/s (against the full cache's, in the same run) and KL(full || cache) and top-1
    agreement of the next-token distributions over those steps.
 
+3. Task scores at 4k: transformers' ``QuantizedCache`` answers every benchmark task (the benchmark's own
+   samples, query-agnostic prompts, answer lengths and scoring), beside the ZipCache and KIVI rows of the
+   benchmark's run records (``scripts/bench_report.py``, ``docs/bench/runs``).
+
 transformers' own ``QuantizedCache`` (quanto backend) is measured beside ours when ``optimum-quanto`` is
 installed (``pip install optimum-quanto==0.2.7``; its first use compiles a C++ extension, minutes here).
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import time
 from pathlib import Path
 
@@ -27,9 +32,10 @@ import torch
 
 import kvsqueeze
 from kvsqueeze import SqueezeCache
-from kvsqueeze.bench import generate_samples
+from kvsqueeze.bench import TASKS, generate_samples, postprocess, score_sample
 from kvsqueeze.bench.prompts import encode_sample
-from kvsqueeze.bench.report import replace_block
+from kvsqueeze.bench.report import mean_of, replace_block
+from kvsqueeze.bench.runner import greedy, stop_ids
 from kvsqueeze.quantization import KIVI_2, KIVI_4, ZIPCACHE, bytes_per_token, fp16_bytes_per_token
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +43,9 @@ MODEL = "qwen2.5-coder-0.5b"
 TASK = "qa_generated"
 COMMAND = ".venv/bin/python scripts/quantization_report.py --write"
 DECODE_TOKENS = 64
+HF_BITS = (4, 2)
+BENCH_RUNS = ROOT / "docs" / "bench" / "runs" / "query_agnostic"
+BENCH_ROWS = ("full", "zipcache", "kivi")  # read from the benchmark's run records
 OURS = (("full", {}), ("zipcache", {}), ("kivi", {}), ("kivi", {"bits": 4}), ("snapkv+zipcache", {}))
 
 
@@ -74,13 +83,11 @@ def caches(model):
             )
         )
     if importlib.util.find_spec("optimum.quanto") is not None:
-        from transformers import QuantizedCache
-
-        for bits in (4, 2):
+        for bits in HF_BITS:
             out.append(
                 (
                     f"transformers QuantizedCache quanto {bits}-bit",
-                    lambda b=bits: QuantizedCache(backend="quanto", config=model.config, nbits=b),
+                    lambda b=bits: hf_quantized_cache(model, b),
                     hf_quantized_bytes,
                 )
             )
@@ -129,6 +136,62 @@ def measure(model, ids: torch.Tensor) -> list[dict]:
         print(rows[-1], flush=True)
         del cache
     return rows
+
+
+def hf_quantized_cache(model, bits: int):
+    from transformers import QuantizedCache
+
+    return QuantizedCache(backend="quanto", config=model.config, nbits=bits)
+
+
+@torch.inference_mode()
+def hf_task_scores(model, tokenizer, length: int) -> dict[str, dict[str, float]]:
+    """{row label: {task: score}} of transformers' QuantizedCache at each of HF_BITS on every task."""
+    from tqdm.auto import tqdm
+
+    eos = stop_ids(model, tokenizer)
+    scores: dict[str, dict[str, float]] = {}
+    for task in tqdm(sorted(TASKS), desc="QuantizedCache on the tasks", unit="task"):
+        sample = generate_samples(task, tokenizer, length=length, num_samples=1, seed=0)[0]
+        encoded = encode_sample(tokenizer, sample, "query_agnostic")
+        for bits in HF_BITS:
+            cache = hf_quantized_cache(model, bits)
+            model(encoded.compressed_ids, cache=cache, logits_to_keep=1)
+            tokens, _ = greedy(model, cache, encoded.followup_ids, TASKS[task].answer_tokens, eos)
+            answer = postprocess(tokenizer.decode(tokens, skip_special_tokens=True), sample.answer_prefix)
+            scores.setdefault(f"transformers QuantizedCache quanto {bits}-bit", {})[task] = score_sample(
+                sample, answer
+            )
+    return scores
+
+
+def bench_task_scores(length: int) -> dict[str, dict[str, float]]:
+    """{method: {task: score}} of BENCH_ROWS from the benchmark's run records (missing runs left out)."""
+    scores: dict[str, dict[str, float]] = {}
+    for method in BENCH_ROWS:
+        for task in sorted(TASKS):
+            path = BENCH_RUNS / task / str(length) / f"{method}@1.json"
+            if path.exists():
+                scores.setdefault(method, {})[task] = json.loads(path.read_text())["score"]
+    return scores
+
+
+def render_tasks(scores: dict[str, dict[str, float]], length: int) -> str:
+    tasks = sorted(TASKS)
+    lines = [
+        f"**Task scores at {length} tokens** (%, query-agnostic, 1 sample per task, seed 0). The `full`, "
+        "`zipcache` and `kivi` rows are the benchmark's run records (`.venv/bin/python "
+        "scripts/bench_report.py --write`); the QuantizedCache rows are measured by this report on the "
+        "same prompts with transformers' defaults (quanto backend, group size 64, 128-token fp residual).",
+        "",
+        "| cache | " + " | ".join(tasks) + " | avg | tasks |",
+        "| --- |" + " ---: |" * (len(tasks) + 2),
+    ]
+    for label, by_task in scores.items():
+        cells = [f"{100 * by_task[t]:.0f}" if t in by_task else "-" for t in tasks]
+        average = 100 * mean_of(by_task.values())
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {average:.0f} | {len(by_task)} |")
+    return "\n".join(lines)
 
 
 def render(rows: list[dict], tokens: int, head_dim: int) -> str:
@@ -183,6 +246,10 @@ def main() -> None:
     text = model.config.get_text_config(decoder=True)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     body = render(measure(model, ids), ids.shape[1], head_dim)
+    scores = bench_task_scores(args.length)
+    if importlib.util.find_spec("optimum.quanto") is not None:
+        scores |= hf_task_scores(model, tokenizer, args.length)
+    body += "\n\n" + render_tasks(scores, args.length)
     body += f"\n\nWall time of this report: {time.perf_counter() - started:.0f} s."
     print(body)
     if args.write:

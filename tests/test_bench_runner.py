@@ -9,7 +9,7 @@ import torch
 
 from kvsqueeze.bench import Sample
 from kvsqueeze.bench.prompts import encode_sample
-from kvsqueeze.bench.report import markdown_table, plot_results, replace_block
+from kvsqueeze.bench.report import markdown_table, plot_results, ratio_summary, replace_block
 from kvsqueeze.bench.runner import BenchConfig, MethodSpec, fidelity, run_bench
 from kvsqueeze.models.tiny import tiny_model
 
@@ -75,6 +75,38 @@ def test_deterministic_and_resumable(model_and_tokenizer, tmp_path):
     after = {p: p.stat().st_mtime_ns for p in (tmp_path / "a").rglob("*.json")}
     assert {p: t for p, t in after.items() if p in before} == before
     assert sorted(p.name for p in set(after) - set(before)) == ["knorm@0.25.json", "random@0.1.json"]
+
+
+def test_ratio_summary_names_the_best_press_per_ratio():
+    def record(method, budget, task, score, source="kvsqueeze", setting="query_aware", kept=None):
+        full = 1000
+        return dict(
+            source=source,
+            setting=setting,
+            method=method,
+            budget=budget,
+            task=task,
+            score=score,
+            cache_bytes=full * (kept if kept is not None else budget),
+            full_cache_bytes=full,
+        )
+
+    records = [
+        *(record("full", 1.0, t, 1.0) for t in ("a", "b")),
+        record("snapkv", 0.25, "a", 1.0),
+        record("snapkv", 0.25, "b", 0.5),
+        record("snapkv", 0.1, "a", 0.0),  # one of two tasks
+        record("kvzip", 0.25, "a", 0.8, "kvpress", "query_agnostic", kept=1.0),
+        record("knorm", 0.25, "a", 0.2, "kvpress", "query_agnostic"),
+        record("knorm", 0.1, "a", 0.3, "kvpress", "query_agnostic"),
+    ]
+    table = ratio_summary(records, "query_aware", ["snapkv", "cake"], [0.1, 0.25], "query_agnostic")
+    lines = table.splitlines()
+    assert lines[2] == "| full cache | 100 (1.00) | 100 (1.00) |"
+    press = "| kvpress's best press (query_agnostic) | knorm: 30 (0.10) (1 of 2 tasks) | kvzip: 80 (1.00) (1 of 2 tasks) |"
+    assert lines[3] == press
+    assert lines[4] == "| snapkv | 0 (0.10) (1 of 2 tasks) | 75 (0.25) |"
+    assert lines[5] == "| cake | not run | not run |"
 
 
 def test_replace_block_keeps_the_rest_of_the_file(tmp_path):

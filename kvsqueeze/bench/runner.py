@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
 from kvsqueeze.bench.prompts import SETTINGS, EncodedSample, encode_sample
 from kvsqueeze.bench.report import mean_of
@@ -128,10 +128,11 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _greedy(
-    model: PreTrainedModel, cache: SqueezeCache, followup: torch.Tensor, steps: int, eos: set[int]
+def greedy(
+    model: PreTrainedModel, cache: Cache, followup: torch.Tensor, steps: int, eos: set[int]
 ) -> tuple[list[int], float]:
-    """Feed ``followup`` then decode greedily; returns the new token ids and the decode tokens/s."""
+    """Feed ``followup`` to a prefilled ``cache``, then decode greedily (up to ``steps`` tokens, stopping
+    after any of ``eos``); returns the new token ids and the decode tokens/s."""
     out = model(followup, cache=cache)
     token = out.logits[:, -1:].argmax(-1)
     tokens = [int(token)]
@@ -144,6 +145,12 @@ def _greedy(
     elapsed = time.perf_counter() - start
     rate = (len(tokens) - 1) / elapsed if len(tokens) > 1 and elapsed > 0 else float("nan")
     return tokens, rate
+
+
+def stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """The token ids that end an answer: the tokenizer's and the generation config's end-of-sequence."""
+    ids = [tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)]
+    return {int(x) for t in ids if t is not None for x in (t if isinstance(t, list) else [t])}
 
 
 def _teacher_logprobs(
@@ -190,15 +197,14 @@ def run_sample(
     sample_id: str,
 ) -> dict[tuple[str, float], SampleOutcome]:
     """Every (method, budget) of ``runs`` on one sample, from one shared prefill."""
-    eos_ids = [tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)]
-    eos = {int(x) for t in eos_ids if t is not None for x in (t if isinstance(t, list) else [t])}
+    eos = stop_ids(model, tokenizer)
     source = SqueezeCache(model, "full", record_prefill=True)
     start = time.perf_counter()
     model(encoded.compressed_ids, cache=source, logits_to_keep=1)  # no (L, vocab) logits: unused
     prefill = time.perf_counter() - start
 
     # The full cache's own greedy continuation is the teacher for everyone's fidelity.
-    teacher, _ = _greedy(model, source.fork("full"), encoded.followup_ids, fidelity_tokens, set())
+    teacher, _ = greedy(model, source.fork("full"), encoded.followup_ids, fidelity_tokens, set())
     reference = _teacher_logprobs(model, source.fork("full"), encoded.followup_ids, teacher, stepwise=False)
     results: dict[tuple[str, float], SampleOutcome] = {}
     for spec, budget in runs:
@@ -208,7 +214,7 @@ def run_sample(
         compression = cache.compression_seconds()  # scoring + selection only, not the fork's copy
         stored, full_bytes = cache.nbytes(), cache.full_nbytes()  # the compressed context, as kvpress reports
         answer_cache = copy.deepcopy(cache)  # the same compressed rows; scoring again would be wasted
-        tokens, rate = _greedy(model, answer_cache, encoded.followup_ids, max_new_tokens, eos)
+        tokens, rate = greedy(model, answer_cache, encoded.followup_ids, max_new_tokens, eos)
         raw = tokenizer.decode(tokens, skip_special_tokens=True)
         prediction = postprocess(raw, sample.answer_prefix)
         components = method.components()
