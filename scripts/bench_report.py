@@ -37,7 +37,15 @@ METHODS_PUBLISHED = ("full", "h2o", "knorm", "pyramidkv", "random", "snapkv", "s
 # context (query-agnostic, the window-scored methods keep the haystack's tail: SnapKV averages 10 at 0.25)
 ADAPTIVE = ("adakv", "cake", "d2o", "mass", "prefixkv")
 ADAPTIVE_BUDGETS = (0.1, 0.25)
-QUANTIZED = ("zipcache", "kivi")  # every token kept, so one row each (no keep ratio); query-agnostic only
+# quantization keeps every token, so one row each (no keep ratio); query-agnostic only. Beside the defaults
+# (ZipCache 4/2 bits with 40% low, KIVI-2): fewer low-precision tokens, and 4 bits throughout.
+QUANTIZED = (
+    ("zipcache", {}),
+    ("zipcache", {"low_ratio": 0.2}),
+    ("zipcache", {"low_bits": 4}),
+    ("kivi", {}),
+    ("kivi", {"bits": 4}),
+)
 SETTINGS = ("query_agnostic", "query_aware")
 RIVAL_NOTE = (
     "kvpress's best press is the one with the best average at that ratio, run query-agnostic; "
@@ -51,7 +59,7 @@ def config(samples: int, setting: str) -> BenchConfig:
     if setting == "query_aware":
         methods += [MethodSpec(name, budgets=ADAPTIVE_BUDGETS) for name in ADAPTIVE]
     if setting == "query_agnostic":
-        methods += [MethodSpec(name) for name in QUANTIZED]
+        methods += [MethodSpec(name, params) for name, params in QUANTIZED]
     return BenchConfig(
         methods=methods,
         budgets=[0.1, 0.25, 0.5],

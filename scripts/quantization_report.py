@@ -45,7 +45,8 @@ COMMAND = ".venv/bin/python scripts/quantization_report.py --write"
 DECODE_TOKENS = 64
 HF_BITS = (4, 2)
 BENCH_RUNS = ROOT / "docs" / "bench" / "runs" / "query_agnostic"
-BENCH_ROWS = ("full", "zipcache", "kivi")  # read from the benchmark's run records
+# read from the benchmark's run records (their labels there)
+BENCH_ROWS = ("full", "zipcache", "zipcache(low_ratio=0.2)", "zipcache(low_bits=4)", "kivi", "kivi(bits=4)")
 OURS = (("full", {}), ("zipcache", {}), ("kivi", {}), ("kivi", {"bits": 4}), ("snapkv+zipcache", {}))
 
 
