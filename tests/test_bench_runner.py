@@ -126,7 +126,7 @@ def test_plain_full_run_equals_the_full_method(model_and_tokenizer):
     from transformers import DynamicCache
 
     from kvsqueeze import SqueezeCache
-    from kvsqueeze.bench.runner import _greedy
+    from kvsqueeze.bench.runner import greedy
 
     model, tokenizer = model_and_tokenizer
     sample = Sample("t", "alpha beta gamma " * 40, "What comes after beta?", ["gamma"])
@@ -138,7 +138,7 @@ def test_plain_full_run_equals_the_full_method(model_and_tokenizer):
         )
         source = SqueezeCache(model, "full", record_prefill=True)
         model(enc.compressed_ids, cache=source)
-        ours, _ = _greedy(model, source.fork("full"), enc.followup_ids, 5, set())
+        ours, _ = greedy(model, source.fork("full"), enc.followup_ids, 5, set())
     assert stock[0, ids.shape[1] :].tolist() == ours
 
 

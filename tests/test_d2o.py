@@ -94,3 +94,43 @@ def test_per_sequence_state_follows_batch_reordering():
         cache.reorder_cache(torch.tensor([1, 0]))
         after = layer.components.action.threshold if method == "d2o" else layer.components.scorer.frozen_below
         assert after.tolist() == before.flip(0).tolist()
+
+
+def test_scores_and_layer_statistic_share_one_walk_over_the_attention(monkeypatch):
+    """D2O's accumulated scores and its attention variance read the same column sums, computed once."""
+    from kvsqueeze.attention.observation import Observation
+    from kvsqueeze.scorers.accumulated_attention import AccumulatedAttentionScorer
+
+    g = torch.Generator().manual_seed(0)
+    b, h, h_kv, length, d = 1, 4, 2, 600, 8  # more than one SCORE_CHUNK of queries
+    positions = torch.arange(length)
+    obs = Observation(
+        query=torch.randn(b, h, length, d, generator=g),
+        query_positions=positions.expand(b, length),
+        query_valid=torch.ones(b, length, dtype=torch.bool),
+        keys=torch.randn(b, h_kv, length, d, generator=g),
+        values=torch.randn(b, h_kv, length, d, generator=g),
+        key_positions=positions.expand(b, h_kv, length),
+        key_valid=torch.ones(b, h_kv, length, dtype=torch.bool),
+        scaling=d**-0.5,
+        layer_idx=0,
+        num_layers=1,
+    )
+    logits = obs.query @ obs.keys.repeat_interleave(h // h_kv, dim=1).transpose(-1, -2) * obs.scaling
+    causal = torch.ones(length, length).triu(1).bool()
+    column_sums = logits.masked_fill(causal, float("-inf")).softmax(-1).sum(dim=2)  # (B, H, T)
+    calls = 0
+    walk = Observation.probabilities
+
+    def counted(self, *args, **kwargs):
+        nonlocal calls
+        calls += 1
+        return walk(self, *args, **kwargs)
+
+    monkeypatch.setattr(Observation, "probabilities", counted)
+    scores = AccumulatedAttentionScorer().score(obs)
+    chunks = calls
+    D2OAllocator().layer_statistic(obs, scores)
+    assert calls == chunks > 1  # the allocator reused the scorer's walk
+    torch.testing.assert_close(scores, column_sums.view(b, h_kv, -1, length).mean(2), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(obs.column_sums().flatten(1, 2), column_sums, rtol=1e-4, atol=1e-4)

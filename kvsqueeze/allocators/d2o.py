@@ -36,11 +36,8 @@ class D2OAllocator(Allocator):
         """``sigma_l`` per sequence, (B,): mean over query heads of the min-max normalized variance of
         each head's column sums. Per query head, as the official code: with few KV heads (2 in
         Qwen2.5-0.5B) a min-max over KV heads would always average to 0.5."""
-        b, h_kv, t = obs.key_positions.shape
-        sums = torch.zeros(b, h_kv, obs.group_size, t, dtype=torch.float32, device=obs.keys.device)
-        for probs in obs.probability_chunks():  # (B, H_kv, g, qc, T')
-            sums[..., : probs.shape[-1]] += probs.sum(dim=3)
-        sums = sums.flatten(1, 2)  # (B, H, T)
+        sums = obs.column_sums().flatten(1, 2)  # (B, H, T): the same walk as the accumulated scores
+
         valid = obs.key_valid[:, :1].expand_as(sums)  # the prompt's rows are the same for every head
         count = valid.sum(-1).clamp(min=2)
         mean = (sums * valid).sum(-1) / count

@@ -7,7 +7,7 @@ fp32, query chunk by query chunk, so a prefill of ``L`` tokens never materialize
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,6 +36,8 @@ class Observation:
     sliding_window: int | None = None
     is_prefill: bool = True
     all_keys_valid: bool = False  # a hint: no padding slot in `keys` (lets masks be skipped)
+    # column_sums per first query index; not copied by dataclasses.replace, so new rows mean new sums
+    _column_sums: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def batch_size(self) -> int:
@@ -101,6 +103,21 @@ class Observation:
         """Yield :meth:`probabilities` over queries ``start:`` in chunks of ``SCORE_CHUNK`` queries."""
         for s in range(start, self.query_length, SCORE_CHUNK):
             yield self.probabilities(s, min(s + SCORE_CHUNK, self.query_length))
+
+    def column_sums(self, start: int = 0) -> torch.Tensor:
+        """Attention each stored row received from queries ``start:``, per query head: (B, H_kv, g, T) fp32.
+
+        Computed once per ``start`` and kept on this observation, so a scorer and an allocator that both
+        need it (D2O's accumulated scores and attention variance) walk the attention once. Treat as read-only.
+        """
+        sums = self._column_sums.get(start)
+        if sums is None:
+            b, h_kv, t = self.key_positions.shape
+            sums = torch.zeros(b, h_kv, self.group_size, t, dtype=torch.float32, device=self.keys.device)
+            for probs in self.probability_chunks(start):  # (B, H_kv, g, qc, T')
+                sums[..., : probs.shape[-1]] += probs.sum(dim=3)
+            self._column_sums[start] = sums
+        return sums
 
     def last_queries(self, count: int) -> int:
         """Index of the first of the last ``count`` queries of this call."""

@@ -5,6 +5,10 @@ reference/eviction-methods.md: window ``w=32``, kernel 5, average pooling) cover
 head's total, plus the window. The budget is a cap (1.0: none), so a prompt whose attention is
 concentrated is stored smaller than the cap; :meth:`~kvsqueeze.cache.SqueezeCache.kept_ratio` reports the
 ratio reached. ``p=1`` keeps everything. Prefill only.
+
+``sinks`` keeps the first rows outside the mass: in most heads of a trained model the first token (an
+attention sink) holds much of every query's attention, so with ``sinks=0`` the share ``p`` is spent
+largely on it and the content gets the rest.
 """
 
 from __future__ import annotations
@@ -28,12 +32,17 @@ class Mass(Method):
     window: int = 32
     kernel: int = 5
     pooling: str = "avg"
+    sinks: int = 0
 
     def validate(self) -> None:
         super().validate()
         if not 0 < self.p <= 1:
             raise ValueError(f"mass: p must be in (0, 1], got {self.p}")
+        if self.sinks < 0:
+            raise ValueError(f"mass: sinks must be >= 0, got {self.sinks}")
 
     def components(self) -> Components:
         scorer = WindowAttentionScorer(self.window, self.kernel, self.pooling, statistic="sum")
-        return Components(scorer, UniformAllocator(), heads=MassHeads(self.p), window=self.window)
+        return Components(
+            scorer, UniformAllocator(), heads=MassHeads(self.p), window=self.window, sinks=self.sinks
+        )

@@ -26,9 +26,5 @@ class AccumulatedAttentionScorer(Scorer):
         self.group = group
 
     def score(self, obs: Observation, state: torch.Tensor | None = None) -> torch.Tensor:
-        total = torch.zeros(obs.key_positions.shape, dtype=torch.float32, device=obs.keys.device)
-        if state is not None:
-            total += state
-        for probs in obs.probability_chunks():  # (B, H_kv, g, qc, T')
-            total[..., : probs.shape[-1]] += reduce_group(probs.sum(dim=3), self.group)
-        return total
+        total = reduce_group(obs.column_sums(), self.group)  # (B, H_kv, T)
+        return total + state if state is not None else total

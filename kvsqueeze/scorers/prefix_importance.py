@@ -41,9 +41,7 @@ class PrefixImportanceScorer(Scorer):
         return positions.masked_fill(frozen, float("inf"))
 
     def _importance(self, obs: Observation) -> torch.Tensor:
-        total = torch.zeros(obs.key_positions.shape, dtype=torch.float32, device=obs.keys.device)
-        for probs in obs.probability_chunks():  # (B, H_kv, g, qc, T')
-            total[..., : probs.shape[-1]] += reduce_group(probs.sum(dim=3), "mean")
+        total = reduce_group(obs.column_sums(), "mean")  # (B, H_kv, T)
         return total.mean(dim=1, keepdim=True).expand_as(total).contiguous()  # mean over all heads
 
     def _fifo_start(self, obs: Observation) -> torch.Tensor:

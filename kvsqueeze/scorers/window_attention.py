@@ -42,9 +42,7 @@ class WindowAttentionScorer(Scorer):
 
     def score(self, obs: Observation, state: torch.Tensor | None = None) -> torch.Tensor:
         start = obs.last_queries(self.window)
-        scores = torch.zeros(obs.key_positions.shape, dtype=torch.float32, device=obs.keys.device)
-        for probs in obs.probability_chunks(start):  # (B, H_kv, g, qc, T')
-            scores[..., : probs.shape[-1]] += reduce_group(probs.sum(dim=3), self.group)
+        scores = reduce_group(obs.column_sums(start), self.group)  # (B, H_kv, T)
         if self.statistic == "mean":
             scores = scores / max(1, obs.query_length - start)
         return pool_scores(scores, self.kernel, self.pooling)
