@@ -8,6 +8,8 @@ import warnings
 import pytest
 import torch
 
+from kvsqueeze.attention.observation import Observation
+
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 ARCHS = ("llama", "qwen2", "mistral", "gemma3_text")
@@ -107,3 +109,24 @@ def left_padded_batch(lengths, vocab=512, seed=0):
         ids[i, width - n :] = torch.randint(3, vocab, (n,), generator=gen)
         mask[i, width - n :] = 1
     return ids, mask
+
+
+def random_prefill(
+    seed: int, batch: int, heads: int, kv_heads: int, length: int, dim: int, scale: float = 1.0
+) -> Observation:
+    """A causal prefill of ``length`` random queries over the same number of random keys, no padding."""
+    g = torch.Generator().manual_seed(seed)
+    positions = torch.arange(length)
+    return Observation(
+        query=torch.randn(batch, heads, length, dim, generator=g) * scale,
+        query_positions=positions.expand(batch, length),
+        query_valid=torch.ones(batch, length, dtype=torch.bool),
+        keys=torch.randn(batch, kv_heads, length, dim, generator=g) * scale,
+        values=torch.randn(batch, kv_heads, length, dim, generator=g),
+        key_positions=positions.expand(batch, kv_heads, length),
+        key_valid=torch.ones(batch, kv_heads, length, dtype=torch.bool),
+        scaling=dim**-0.5,
+        layer_idx=0,
+        num_layers=1,
+        all_keys_valid=True,
+    )

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import left_padded_batch
+from conftest import random_prefill as random_observation
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,21 +21,7 @@ B, H, HKV, L, D, W = 2, 4, 2, 40, 8, 6
 
 
 def random_prefill(seed: int) -> Observation:
-    g = torch.Generator().manual_seed(seed)
-    positions = torch.arange(L)
-    return Observation(
-        query=torch.randn(B, H, L, D, generator=g) * 2,
-        query_positions=positions.expand(B, L),
-        query_valid=torch.ones(B, L, dtype=torch.bool),
-        keys=torch.randn(B, HKV, L, D, generator=g) * 2,
-        values=torch.randn(B, HKV, L, D, generator=g),
-        key_positions=positions.expand(B, HKV, L),
-        key_valid=torch.ones(B, HKV, L, dtype=torch.bool),
-        scaling=D**-0.5,
-        layer_idx=0,
-        num_layers=1,
-        all_keys_valid=True,
-    )
+    return random_observation(seed, B, H, HKV, L, D, scale=2.0)
 
 
 def window_attention_reference(obs: Observation) -> torch.Tensor:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import left_padded_batch
+from conftest import left_padded_batch, random_prefill
 
 from kvsqueeze import SqueezeCache
 from kvsqueeze.actions.merge import Merge
@@ -101,21 +101,8 @@ def test_scores_and_layer_statistic_share_one_walk_over_the_attention(monkeypatc
     from kvsqueeze.attention.observation import Observation
     from kvsqueeze.scorers.accumulated_attention import AccumulatedAttentionScorer
 
-    g = torch.Generator().manual_seed(0)
     b, h, h_kv, length, d = 1, 4, 2, 600, 8  # more than one SCORE_CHUNK of queries
-    positions = torch.arange(length)
-    obs = Observation(
-        query=torch.randn(b, h, length, d, generator=g),
-        query_positions=positions.expand(b, length),
-        query_valid=torch.ones(b, length, dtype=torch.bool),
-        keys=torch.randn(b, h_kv, length, d, generator=g),
-        values=torch.randn(b, h_kv, length, d, generator=g),
-        key_positions=positions.expand(b, h_kv, length),
-        key_valid=torch.ones(b, h_kv, length, dtype=torch.bool),
-        scaling=d**-0.5,
-        layer_idx=0,
-        num_layers=1,
-    )
+    obs = random_prefill(0, b, h, h_kv, length, d)
     logits = obs.query @ obs.keys.repeat_interleave(h // h_kv, dim=1).transpose(-1, -2) * obs.scaling
     causal = torch.ones(length, length).triu(1).bool()
     column_sums = logits.masked_fill(causal, float("-inf")).softmax(-1).sum(dim=2)  # (B, H, T)
