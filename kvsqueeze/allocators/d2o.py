@@ -37,7 +37,6 @@ class D2OAllocator(Allocator):
         each head's column sums. Per query head, as the official code: with few KV heads (2 in
         Qwen2.5-0.5B) a min-max over KV heads would always average to 0.5."""
         sums = obs.column_sums().flatten(1, 2)  # (B, H, T): the same walk as the accumulated scores
-
         valid = obs.key_valid[:, :1].expand_as(sums)  # the prompt's rows are the same for every head
         count = valid.sum(-1).clamp(min=2)
         mean = (sums * valid).sum(-1) / count
