@@ -35,7 +35,7 @@ from kvsqueeze import SqueezeCache
 from kvsqueeze.bench import TASKS, generate_samples, postprocess, score_sample
 from kvsqueeze.bench.prompts import encode_sample
 from kvsqueeze.bench.report import mean_of, replace_block
-from kvsqueeze.bench.runner import greedy, stop_ids
+from kvsqueeze.bench.runner import greedy, run_path, stop_ids
 from kvsqueeze.quantization import KIVI_2, KIVI_4, ZIPCACHE, bytes_per_token, fp16_bytes_per_token
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +44,7 @@ TASK = "qa_generated"
 COMMAND = ".venv/bin/python scripts/quantization_report.py --write"
 DECODE_TOKENS = 64
 HF_BITS = (4, 2)
-BENCH_RUNS = ROOT / "docs" / "bench" / "runs" / "query_agnostic"
+BENCH_OUT = ROOT / "docs" / "bench"
 # read from the benchmark's run records (their labels there)
 BENCH_ROWS = ("full", "zipcache", "zipcache(low_ratio=0.2)", "zipcache(low_bits=4)", "kivi", "kivi(bits=4)")
 OURS = (("full", {}), ("zipcache", {}), ("kivi", {}), ("kivi", {"bits": 4}), ("snapkv+zipcache", {}))
@@ -171,7 +171,7 @@ def bench_task_scores(length: int) -> dict[str, dict[str, float]]:
     scores: dict[str, dict[str, float]] = {}
     for method in BENCH_ROWS:
         for task in sorted(TASKS):
-            path = BENCH_RUNS / task / str(length) / f"{method}@1.json"
+            path = run_path(BENCH_OUT, "query_agnostic", task, length, method, 1.0)
             if path.exists():
                 scores.setdefault(method, {})[task] = json.loads(path.read_text())["score"]
     return scores

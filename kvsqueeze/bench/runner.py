@@ -241,7 +241,8 @@ def run_sample(
     return results
 
 
-def _run_path(out: Path, setting: str, task: str, length: int, label: str, budget: float) -> Path:
+def run_path(out: Path, setting: str, task: str, length: int, label: str, budget: float) -> Path:
+    """Where the record of one (setting, task, length, method label, budget) run lives under ``out``."""
     return out / "runs" / setting / task / str(length) / f"{label}@{budget:g}.json"
 
 
@@ -302,7 +303,7 @@ def run_bench(
     bar = tqdm(total=len(groups) * config.num_samples, disable=not progress, desc="bench", unit="sample")
     for setting, task, length in groups:
         todo = [
-            (spec, b) for spec, b in runs if not _run_path(out, setting, task, length, spec.label, b).exists()
+            (spec, b) for spec, b in runs if not run_path(out, setting, task, length, spec.label, b).exists()
         ]
         if not todo:
             bar.update(config.num_samples)
@@ -330,7 +331,7 @@ def run_bench(
             record = _summarize(
                 per_run[(spec.label, budget)], setting, task, length, spec, budget, model_name, config
             )
-            path = _run_path(out, setting, task, length, spec.label, budget)
+            path = run_path(out, setting, task, length, spec.label, budget)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(record, indent=1))
         records.extend(_load_records(out, setting, task, length, runs))
@@ -395,7 +396,7 @@ def _load_records(
 ) -> list[dict]:
     records = []
     for spec, budget in runs:
-        path = _run_path(out, setting, task, length, spec.label, budget)
+        path = run_path(out, setting, task, length, spec.label, budget)
         if path.exists():
             records.append(json.loads(path.read_text()))
     return records
