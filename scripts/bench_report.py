@@ -45,11 +45,17 @@ ADAPTIVE = (
 )
 ADAPTIVE_BUDGETS = (0.1, 0.25)
 # quantization keeps every token, so one row each (no keep ratio); query-agnostic only. Beside the defaults
-# (ZipCache 4/2 bits with 40% low, KIVI-2): fewer low-precision tokens, and 4 bits throughout.
+# (ZipCache 4/2 bits with 40% low, KIVI-2): the reference's ZipCache scheme (one key range per set, no
+# clipping) and each of kvsqueeze's two key changes alone; on the reference scheme, fewer low-precision
+# tokens and 4 bits throughout; KIVI at 4 bits.
+REFERENCE = {"low_key_group": None, "key_clip": False}
 QUANTIZED = (
     ("zipcache", {}),
-    ("zipcache", {"low_ratio": 0.2}),
-    ("zipcache", {"low_bits": 4}),
+    ("zipcache", REFERENCE),
+    ("zipcache", {"low_key_group": None}),
+    ("zipcache", {"key_clip": False}),
+    ("zipcache", {**REFERENCE, "low_ratio": 0.2}),
+    ("zipcache", {**REFERENCE, "low_bits": 4}),
     ("kivi", {}),
     ("kivi", {"bits": 4}),
 )

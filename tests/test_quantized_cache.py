@@ -52,6 +52,7 @@ schemes = st.sampled_from(
     [
         KVQuantScheme("zip", 4, low_bits=2, low_ratio=0.4, value_cst=True),
         KVQuantScheme("zip8", 8, low_bits=4, low_ratio=0.5, value_cst=True),
+        KVQuantScheme("zipg", 4, low_bits=2, low_ratio=0.4, value_cst=True, low_key_group_size=3),
         kivi_scheme(2, group_size=4),
         kivi_scheme(4, group_size=2),
         kivi_scheme(8, group_size=8),

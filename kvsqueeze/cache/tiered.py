@@ -44,20 +44,29 @@ class QuantizedTier:
 
     Per row (in ``rows``): packed key and value codes ``(N, D * bits / 8)`` uint8, per-token value
     parameters ``(N, D / G_v)``, and the layer's other per-row fields (positions, running scores). Per row
-    group: the per-channel key step and minimum ``(S, n_groups, D)`` and, for CST values, the channel scale
-    ``c`` ``(S, n_groups, D)``. ``group_lengths`` ``(S, n_groups)`` counts each group's rows; a segment's
-    rows are stored group after group, so a row's group follows from the counts and costs no bytes.
+    group (``key_group_size`` consecutive rows of one segment quantized together, or all of them): the
+    per-channel key step and minimum ``(S, n_groups, D)``. Per quantization event, for CST values: the
+    channel scale ``c`` ``(S, n_events, D)``. ``group_lengths`` ``(S, n_groups)`` and ``event_lengths``
+    ``(S, n_events)`` count the rows of each; a segment's rows are stored event after event and group after
+    group, so a row's group and event follow from the counts and cost no bytes.
     """
 
     def __init__(
-        self, scheme: KVQuantScheme, bits: int, num_segments: int, head_dim: int, device: torch.device
+        self,
+        scheme: KVQuantScheme,
+        bits: int,
+        num_segments: int,
+        head_dim: int,
+        device: torch.device,
+        key_group_size: int | None = None,
     ) -> None:
-        self.scheme, self.bits = scheme, bits
+        self.scheme, self.bits, self.key_group_size = scheme, bits, key_group_size
         self.rows = PackedRows(num_segments, device=device)
         empty = torch.empty(num_segments, 0, head_dim, dtype=scheme.param_dtype, device=device)
         self.key_steps, self.key_mins = empty, empty.clone()
         self.value_scale = empty.clone() if scheme.value_cst else None
         self.group_lengths = torch.zeros(num_segments, 0, dtype=torch.long, device=device)
+        self.event_lengths = self.group_lengths.clone()  # (S, n_events): rows each add() stored
 
     @property
     def num_segments(self) -> int:
@@ -67,21 +76,35 @@ class QuantizedTier:
         self,
         keys: torch.Tensor,  # (M, D)
         values: torch.Tensor,  # (M, D)
-        segments: torch.Tensor,  # (M,) sorted
-        groups: torch.Tensor,  # (M,) group of each row within this event, non-decreasing per segment
-        num_groups: int,
-        channel_scale: torch.Tensor | None,  # (S, num_groups, D) CST divisor, shared with the other tiers
+        segments: torch.Tensor,  # (M,) sorted, each segment's rows in temporal order
+        channel_scale: torch.Tensor | None,  # (S, D) CST divisor of this event, shared with the other tiers
         extra: dict[str, torch.Tensor],  # other per-row fields, (M, *feature)
     ) -> None:
-        """Quantize rows and append them, as ``num_groups`` new row groups of every segment."""
+        """Quantize rows and append them as one event: per segment, row groups of ``key_group_size``
+        consecutive rows (one group when ``None``), the last one possibly partial."""
         s, d = self.num_segments, keys.shape[-1]
+        counts = torch.bincount(segments, minlength=s)  # (S,)
+        if self.key_group_size is None:
+            groups, num_groups = torch.zeros_like(segments), 1
+        else:
+            rank = (
+                torch.arange(segments.numel(), device=segments.device)
+                - (torch.cumsum(counts, 0) - counts)[segments]
+            )
+            groups = rank // self.key_group_size
+            num_groups = max(1, -(-int(counts.max()) // self.key_group_size))
         flat = segments * num_groups + groups  # (M,) into this event's (S * num_groups) groups
         steps, mins = group_channel_params(
-            keys, flat, s * num_groups, self.bits, param_dtype=self.scheme.param_dtype
+            keys,
+            flat,
+            s * num_groups,
+            self.bits,
+            clip=self.scheme.key_clip,
+            param_dtype=self.scheme.param_dtype,
         )  # (S * n, D)
         key_codes = encode(keys, steps[flat], mins[flat], self.bits)
         if channel_scale is not None:
-            values = values.float() / channel_scale.reshape(-1, d)[flat].float()
+            values = values.float() / channel_scale[segments].float()
         v_steps, v_mins = token_params(
             values, self.bits, self.scheme.value_group_size, param_dtype=self.scheme.param_dtype
         )
@@ -89,9 +112,10 @@ class QuantizedTier:
         self.key_steps = torch.cat([self.key_steps, steps.view(s, num_groups, d)], dim=1)
         self.key_mins = torch.cat([self.key_mins, mins.view(s, num_groups, d)], dim=1)
         if self.value_scale is not None:
-            self.value_scale = torch.cat([self.value_scale, channel_scale], dim=1)
-        counts = torch.bincount(flat, minlength=s * num_groups).view(s, num_groups)
-        self.group_lengths = torch.cat([self.group_lengths, counts], dim=1)
+            self.value_scale = torch.cat([self.value_scale, channel_scale[:, None]], dim=1)
+        group_counts = torch.bincount(flat, minlength=s * num_groups).view(s, num_groups)
+        self.group_lengths = torch.cat([self.group_lengths, group_counts], dim=1)
+        self.event_lengths = torch.cat([self.event_lengths, counts[:, None]], dim=1)
         fields = {
             "key_codes": key_codes,
             "value_codes": value_codes,
@@ -100,9 +124,10 @@ class QuantizedTier:
         }
         self.rows.append_rows(segments, {**fields, **extra})
 
-    def _row_groups(self) -> torch.Tensor:
-        """(N,) flat index of each stored row's group into the ``(S * n_groups)`` tables."""
-        counts = self.group_lengths.reshape(-1)
+    @staticmethod
+    def _row_index(lengths: torch.Tensor) -> torch.Tensor:
+        """(N,) flat index into an ``(S, n)`` table of every stored row, given the table's row counts."""
+        counts = lengths.reshape(-1)
         return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
 
     def dequantize(self, name: str) -> torch.Tensor:
@@ -116,7 +141,7 @@ class QuantizedTier:
             return scale_by_group(keys, self.key_steps.reshape(-1, d), self.key_mins.reshape(-1, d), counts)
         values = decode_tokens(fields["value_codes"], fields["value_steps"], fields["value_mins"], self.bits)
         if self.value_scale is not None:
-            scale_by_group(values, self.value_scale.reshape(-1, d), None, counts)
+            scale_by_group(values, self.value_scale.reshape(-1, d), None, self.event_lengths.reshape(-1))
         return values
 
     def element_steps(self, name: str) -> torch.Tensor:
@@ -125,20 +150,20 @@ class QuantizedTier:
         Each reconstructed element is within half its step of the original (up to fp32 rounding).
         """
         fields, d = self.rows.fields, self.key_steps.shape[-1]
-        group = self._row_groups()
         if name == "keys":
-            return self.key_steps.reshape(-1, d)[group].float()
+            return self.key_steps.reshape(-1, d)[self._row_index(self.group_lengths)].float()
         steps = broadcast_params(fields["value_steps"], d)
         if self.value_scale is not None:
-            steps = steps * self.value_scale.reshape(-1, d)[group].float()
+            steps = steps * self.value_scale.reshape(-1, d)[self._row_index(self.event_lengths)].float()
         return steps
 
     def keep_rows(self, mask: torch.Tensor) -> None:
         """Keep the rows where ``mask`` ``(N,)`` is True; the group tables stay (their rows may come back
         no more, but a group's parameters are a few bytes per segment)."""
-        group = self._row_groups()
-        s, n = self.group_lengths.shape
-        self.group_lengths = torch.bincount(group[mask], minlength=s * n).view(s, n)
+        for name in ("group_lengths", "event_lengths"):
+            lengths = getattr(self, name)
+            kept = torch.bincount(self._row_index(lengths)[mask], minlength=lengths.numel())
+            setattr(self, name, kept.view(lengths.shape))
         self.rows.keep_rows(mask)
 
     def select_segments(self, segments: torch.Tensor) -> None:
@@ -147,6 +172,7 @@ class QuantizedTier:
         if self.value_scale is not None:
             self.value_scale = self.value_scale[segments]
         self.group_lengths = self.group_lengths[segments]
+        self.event_lengths = self.event_lengths[segments]
 
     def nbytes(self, names: tuple[str, ...] | None = None) -> int:
         """Bytes of codes and parameters (``keys``, ``values``) and of the other per-row fields."""
@@ -179,9 +205,15 @@ class TieredRows:
         keys = residual.fields["keys"]
         self.scheme, self.dtype = scheme, dtype
         self.residual = residual
-        bits = (scheme.bits,) if scheme.low_ratio == 0 else (scheme.bits, scheme.low_bits)
+        tiers = [(scheme.bits, scheme.key_group_size)]
+        if scheme.low_ratio > 0:
+            low_group = (
+                scheme.key_group_size if scheme.low_key_group_size is None else scheme.low_key_group_size
+            )
+            tiers.append((scheme.low_bits, low_group))
         self.tiers = [
-            QuantizedTier(scheme, b, residual.num_segments, keys.shape[-1], keys.device) for b in bits
+            QuantizedTier(scheme, bits, residual.num_segments, keys.shape[-1], keys.device, group)
+            for bits, group in tiers
         ]
         self._invalidate()
 
@@ -338,29 +370,20 @@ class TieredRows:
             return
         moving = {name: data[chosen] for name, data in res.fields.items()}
         segments = seg[chosen]  # (M,) sorted
-        counts = select.sum(-1)  # (S,)
-        rank = (torch.cumsum(select, -1) - 1)[select]  # (M,) index among the segment's chosen rows
-        if scheme.key_group_size is None:
-            groups, num_groups = torch.zeros_like(rank), 1
-        else:
-            groups = rank // scheme.key_group_size
-            num_groups = -(-int(counts.max()) // scheme.key_group_size)
         channel_scale = None
-        if scheme.value_cst:
-            peak = group_channel_peak(
-                moving["values"], segments * num_groups + groups, self.num_segments * num_groups
-            )
-            channel_scale = round_up(peak.sqrt().clamp_min(EPS), scheme.param_dtype)
-            channel_scale = channel_scale.view(self.num_segments, num_groups, -1)
+        if scheme.value_cst:  # one c per segment for this block, shared by the tiers
+            peak = group_channel_peak(moving["values"], segments, self.num_segments)
+            channel_scale = round_up(peak.sqrt().clamp_min(EPS), scheme.param_dtype)  # (S, D)
         low = torch.zeros_like(segments, dtype=torch.bool)
         if len(self.tiers) > 1:
             if saliency is None:
                 raise ValueError(f"scheme {scheme.name!r} splits rows by saliency; pass saliency")
-            low = _lowest(saliency, select, (scheme.low_ratio * counts).floor().long())[select]
+            count = (scheme.low_ratio * select.sum(-1)).floor().long()
+            low = _lowest(saliency, select, count)[select]
         for tier, take in zip(self.tiers, (~low, low), strict=False):
             keys, values = moving["keys"][take], moving["values"][take]
             extra = {n: d[take] for n, d in moving.items() if n not in KV_FIELDS}
-            tier.add(keys, values, segments[take], groups[take], num_groups, channel_scale, extra)
+            tier.add(keys, values, segments[take], channel_scale, extra)
         res.keep_rows(~chosen)
         self._invalidate()
 

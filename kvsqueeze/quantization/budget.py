@@ -37,7 +37,9 @@ class KVQuantScheme:
     Keys are quantized per channel (``key_group_size`` consecutive tokens per group, ``None``: all tokens of
     the set), values per token (``value_group_size`` consecutive channels per group, ``None``: all
     channels), or by CST when ``value_cst``. With ``low_ratio > 0``, the ``floor(low_ratio * T)`` tokens with
-    the lowest scores are stored at ``low_bits`` and the others at ``bits`` (ZipCache).
+    the lowest scores are stored at ``low_bits`` and the others at ``bits`` (ZipCache); the low set's keys
+    then get a parameter pair per ``low_key_group_size`` of its tokens (``None``: as ``key_group_size``).
+    ``key_clip`` narrows each key group's range where that lowers its squared error.
     """
 
     name: str
@@ -48,9 +50,14 @@ class KVQuantScheme:
     value_group_size: int | None = None
     value_cst: bool = False
     param_dtype: torch.dtype = torch.float16
+    low_key_group_size: int | None = None
+    key_clip: bool = False
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
+        for label, group in (("key", self.key_group_size), ("low-set key", self.low_key_group_size)):
+            if group is not None and group < 1:
+                raise ValueError(f"{label} group size must be at least 1 token, got {group}")
         if not 0.0 <= self.low_ratio <= 1.0:
             raise ValueError(f"low_ratio must lie in [0, 1], got {self.low_ratio}")
         if self.low_ratio > 0:
@@ -79,8 +86,13 @@ def kivi_scheme(bits: int = 2, group_size: int = 32) -> KVQuantScheme:
 KIVI_2 = kivi_scheme(2)
 KIVI_4 = kivi_scheme(4)
 KIVI_8 = kivi_scheme(8)
-# ZipCache defaults (spec B §1e): 4/2 bits, r_lo = 0.4, keys per channel per set, values CST.
-ZIPCACHE = KVQuantScheme("zipcache", 4, low_bits=2, low_ratio=0.4, value_cst=True)
+# ZipCache (spec B §1e): 4/2 bits, r_lo = 0.4, keys per channel per set, values CST. kvsqueeze's default
+# also gives the 2-bit set's keys a parameter pair per 128 of its tokens and searches the key ranges
+# (methods/zipcache.py says why); ZIPCACHE_REFERENCE is the reference's scheme.
+ZIPCACHE = KVQuantScheme(
+    "zipcache", 4, low_bits=2, low_ratio=0.4, value_cst=True, low_key_group_size=128, key_clip=True
+)
+ZIPCACHE_REFERENCE = KVQuantScheme("zipcache-reference", 4, low_bits=2, low_ratio=0.4, value_cst=True)
 
 
 def quantize_kv(
@@ -89,14 +101,17 @@ def quantize_kv(
     scheme: KVQuantScheme,
     scores: torch.Tensor | None = None,
 ) -> tuple[Quantized, Quantized]:
-    """Quantize a block of keys and values ``(*, T, D)`` with ``scheme``.
+    """Quantize a block of keys and values ``(*, T, D)`` with ``scheme``: the dense reference of what the
+    cache stores (:class:`~kvsqueeze.cache.tiered.TieredRows`), for whole blocks.
 
     ``scores`` ``(*, T)`` rank the tokens for a mixed-precision scheme (the lowest go to the low set, one
     selection per leading index, shared by keys and values); it is required when ``scheme.low_ratio > 0``.
+    Key groups must divide their set here (the cache also stores a last, partial group).
     """
     dtype = scheme.param_dtype
+    clip = scheme.key_clip
     if scheme.low_ratio == 0:
-        k = quantize(keys, scheme.bits, "channel", scheme.key_group_size, param_dtype=dtype)
+        k = quantize(keys, scheme.bits, "channel", scheme.key_group_size, param_dtype=dtype, clip=clip)
         if scheme.value_cst:
             v = cst_quantize(values, scheme.bits, scheme.value_group_size, param_dtype=dtype)
         else:
@@ -108,7 +123,16 @@ def quantize_kv(
         raise ValueError(f"scores must have shape {tuple(keys.shape[:-1])}, got {tuple(scores.shape)}")
     low = lowest_mask(scores, int(scheme.low_ratio * scores.shape[-1]))  # (*, T)
     bits = (scheme.bits, scheme.low_bits)
-    k = quantize_mixed(keys, low, *bits, "channel", scheme.key_group_size, param_dtype=dtype)
+    k = quantize_mixed(
+        keys,
+        low,
+        *bits,
+        "channel",
+        scheme.key_group_size,
+        low_group_size=scheme.low_key_group_size,
+        param_dtype=dtype,
+        clip=clip,
+    )
     v = quantize_mixed(
         values, low, *bits, "token", scheme.value_group_size, cst=scheme.value_cst, param_dtype=dtype
     )
@@ -131,10 +155,16 @@ def fp16_bytes_per_token(head_dim: int) -> int:
 def bytes_per_token(scheme: KVQuantScheme, tokens: int = 4096, head_dim: int = 64, *, seed: int = 0) -> float:
     """Measured bytes per token of one KV head under ``scheme``, on a random ``(tokens, head_dim)`` block.
 
-    Keys and values together, codes and parameters included, measured from the stored tensors.
+    Keys and values together, codes and parameters included, measured from the tensors the cache stores
+    when it quantizes the block (:class:`~kvsqueeze.cache.tiered.TieredRows`, random saliency).
     """
+    from kvsqueeze.cache.packed import PackedRows  # the cache builds on this module
+    from kvsqueeze.cache.tiered import TieredRows
+
     gen = torch.Generator().manual_seed(seed)
-    keys, values = torch.randn(2, tokens, head_dim, generator=gen, dtype=torch.float16)  # (T, D) each
-    scores = torch.rand(tokens, generator=gen)  # (T,)
-    k, v = quantize_kv(keys, values, scheme, scores)
-    return (k.nbytes() + v.nbytes()) / tokens
+    keys, values = torch.randn(2, 1, tokens, head_dim, generator=gen, dtype=torch.float16)  # (1, T, D) each
+    rows = PackedRows(1)
+    rows.append({"keys": keys, "values": values, "positions": torch.arange(tokens, dtype=torch.int32)[None]})
+    tiered = TieredRows(rows, scheme, torch.float16)
+    tiered.quantize(rows.valid_mask(), torch.rand(1, tokens, generator=gen))
+    return tiered.nbytes(("keys", "values")) / tokens

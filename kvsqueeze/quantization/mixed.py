@@ -79,17 +79,20 @@ def quantize_mixed(
     axis: Axis,
     group_size: int | None = None,
     *,
+    low_group_size: int | None = None,
     cst: bool = False,
     param_dtype: torch.dtype = torch.float16,
     eps: float = EPS,
+    clip: bool = False,
 ) -> MixedQuantized:
     """Quantize the tokens of ``x`` ``(*, T, D)`` marked by ``low`` ``(*, T)`` at ``lo_bits``, the rest at
     ``hi_bits``, each set with its own parameters (spec B §1b "Mixed precision").
 
     ``axis`` and ``group_size`` are as in :func:`~kvsqueeze.quantization.quantizer.quantize` and apply to
-    each set separately (ZipCache keys: ``axis="channel"``, ``group_size=None``). With ``cst=True`` the
-    values are quantized by CST (``axis`` must be ``"token"``), with ``c`` computed over the whole block and
-    shared by the two sets.
+    each set separately (ZipCache keys: ``axis="channel"``, ``group_size=None``); ``low_group_size``, if
+    given, replaces ``group_size`` for the low set, and ``clip`` is passed on to
+    :func:`~kvsqueeze.quantization.quantizer.quantize`. With ``cst=True`` the values are quantized by CST
+    (``axis`` must be ``"token"``), with ``c`` computed over the whole block and shared by the two sets.
     """
     if low.shape != x.shape[:-1]:
         raise ValueError(f"low-set mask must have shape {tuple(x.shape[:-1])}, got {tuple(low.shape)}")
@@ -103,6 +106,7 @@ def quantize_mixed(
         hi = cst_quantize(x_hi, hi_bits, group_size, scale=c, param_dtype=param_dtype, eps=eps)
         lo = cst_quantize(x_lo, lo_bits, group_size, scale=c, param_dtype=param_dtype, eps=eps)
     else:
-        hi = quantize(x_hi, hi_bits, axis, group_size, param_dtype=param_dtype, eps=eps)
-        lo = quantize(x_lo, lo_bits, axis, group_size, param_dtype=param_dtype, eps=eps)
+        low_group_size = group_size if low_group_size is None else low_group_size
+        hi = quantize(x_hi, hi_bits, axis, group_size, param_dtype=param_dtype, eps=eps, clip=clip)
+        lo = quantize(x_lo, lo_bits, axis, low_group_size, param_dtype=param_dtype, eps=eps, clip=clip)
     return MixedQuantized(hi=hi, lo=lo, hi_index=hi_index, lo_index=lo_index)

@@ -10,7 +10,8 @@ parameter pair over: one (segment, block, precision set) for ZipCache, ``G`` con
 segment for KIVI. Evicting a row later frees its codes; its group's parameters stay valid for the rows left.
 
 Arithmetic is fp32, parameters are rounded to ``param_dtype`` (down for minima, up for steps) before the
-codes are computed, as in the dense quantizer, so the error bound ``|x - x_hat| <= s / 2`` holds per row.
+codes are computed, as in the dense quantizer, so the error bound ``|x - x_hat| <= s / 2`` holds per row
+(inside the group's range, when a clip search narrowed it).
 
 Plain PyTorch: no transformers import.
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from kvsqueeze.quantization.packing import check_bits, check_head_dim, pack_codes, unpack_codes_float
-from kvsqueeze.quantization.quantizer import EPS, round_down, round_up
+from kvsqueeze.quantization.quantizer import EPS, range_params, search_clip
 
 
 def group_channel_params(
@@ -29,12 +30,14 @@ def group_channel_params(
     num_groups: int,
     bits: int,
     *,
+    clip: bool = False,
     param_dtype: torch.dtype = torch.float16,
     eps: float = EPS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel minimum and step of every row group: ``(num_groups, D)`` each, in ``param_dtype``.
 
-    Groups without rows get ``mn = 0`` and ``s = eps``.
+    Groups without rows get ``mn = 0`` and ``s = eps``. With ``clip``, each (group, channel) range is
+    narrowed where that lowers its squared error (:func:`~kvsqueeze.quantization.quantizer.search_clip`).
     """
     check_bits(bits)
     n, d = x.shape
@@ -42,8 +45,16 @@ def group_channel_params(
     x = x.float()
     lo = x.new_zeros(num_groups, d).scatter_reduce(0, index, x, "amin", include_self=False)
     hi = x.new_zeros(num_groups, d).scatter_reduce(0, index, x, "amax", include_self=False)
-    mins = round_down(lo, param_dtype)
-    steps = round_up(((hi - mins.float()) / ((1 << bits) - 1)).clamp_min(eps), param_dtype)
+
+    def squared_error(mins: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        step, low = steps.float()[group], mins.float()[group]  # (N, D)
+        rebuilt = torch.round((x - low) / step).clamp_(0, (1 << bits) - 1) * step + low
+        return x.new_zeros(num_groups, d).index_add_(0, group, (rebuilt - x).square())
+
+    if clip:
+        mins, steps = search_clip(lo, hi, bits, param_dtype, eps, squared_error)
+    else:
+        mins, steps = range_params(lo, hi, bits, param_dtype, eps)
     _check_finite(mins, steps, param_dtype)
     return steps, mins
 
@@ -71,8 +82,7 @@ def token_params(
     if g <= 0 or d % g:
         raise ValueError(f"group size {g} does not divide the head dimension {d}")
     grouped = x.float().view(n, d // g, g)
-    mins = round_down(grouped.amin(-1), param_dtype)
-    steps = round_up(((grouped.amax(-1) - mins.float()) / ((1 << bits) - 1)).clamp_min(eps), param_dtype)
+    mins, steps = range_params(grouped.amin(-1), grouped.amax(-1), bits, param_dtype, eps)
     _check_finite(mins, steps, param_dtype)
     return steps, mins
 
