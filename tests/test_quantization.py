@@ -26,6 +26,7 @@ from kvsqueeze.quantization import (
     quantize_mixed,
     unpack_codes,
 )
+from kvsqueeze.quantization.rows import group_channel_params
 
 BITS = (2, 4, 8)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -379,3 +380,18 @@ def test_clip_search_narrows_an_outlier_channel_at_two_bits():
     plain, clipped = quantize(x, 2, "channel"), quantize(x, 2, "channel", clip=True)
     assert bool((clipped.scales < plain.scales).all())
     assert bool((group_squared_error(x, clipped) < 0.6 * group_squared_error(x, plain)).all())
+
+
+@settings(max_examples=50, deadline=None)
+@given(block=blocks(axis="channel"), clip=st.booleans())
+def test_cache_rows_get_the_dense_quantizers_key_parameters(block, clip):
+    """The cache's row-group parameters (kvsqueeze.quantization.rows) equal the dense quantizer's, clipped or
+    not, when each row group is one dense group."""
+    x, bits, axis, group, param_dtype = block
+    dense = quantize(x, bits, axis, group, param_dtype=param_dtype, clip=clip)
+    s, t, d = x.shape
+    groups = torch.arange(s * t) // dense.group_size  # rows of a segment, group after group
+    steps, mins = group_channel_params(
+        x.reshape(-1, d), groups, s * t // dense.group_size, bits, clip=clip, param_dtype=param_dtype
+    )
+    assert torch.equal(steps, dense.scales.reshape(-1, d)) and torch.equal(mins, dense.mins.reshape(-1, d))

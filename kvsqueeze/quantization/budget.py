@@ -1,19 +1,21 @@
 """KV quantization schemes and their measured storage per token (spec B §1, §4.2).
 
 A :class:`KVQuantScheme` says how one head's keys and values are stored; :func:`quantize_kv` applies it to
-a ``(*, T, D)`` block and :func:`bytes_per_token` measures the bytes of the result (codes and parameters,
-from the stored tensors) per token and per (sequence, KV head). Figures for ``T = 4096``, float16
+a ``(*, T, D)`` block and :func:`bytes_per_token` measures the bytes the cache stores for one (codes and
+parameters, from the stored tensors) per token and per (sequence, KV head). Figures for ``T = 4096``, float16
 parameters, relative to the fp16 cache (``4 * D`` bytes per token for K and V)::
 
-    scheme                                       D = 64              D = 128
-    kivi-2   (2-bit, groups of 32)            48.0 B  0.1875     96.0 B  0.1875
-    zipcache (60% 4-bit, 40% 2-bit, CST)      55.4 B  0.2162    106.7 B  0.2084
-    kivi-4   (4-bit, groups of 32)            80.0 B  0.3125    160.0 B  0.3125
-    kivi-8   (8-bit, groups of 32)           144.0 B  0.5625    288.0 B  0.5625
+    scheme                                                D = 64              D = 128
+    kivi-2   (2-bit, groups of 32)                     48.0 B  0.1875     96.0 B  0.1875
+    zipcache-reference (60% 4-bit, 40% 2-bit, CST)     55.4 B  0.2164    106.8 B  0.2086
+    zipcache (+ a key pair per 128 low-set tokens)     56.1 B  0.2193    108.3 B  0.2115
+    kivi-4   (4-bit, groups of 32)                     80.0 B  0.3125    160.0 B  0.3125
+    kivi-8   (8-bit, groups of 32)                    144.0 B  0.5625    288.0 B  0.5625
 
-KIVI's full-precision residual window is not counted. With float32 parameters ZipCache's split would take
-0.2325x (D = 64): its per-token value parameters dominate the overhead, hence float16 storage, as in the
-reference implementations. The split's codes alone are 3.2 / 16 = 0.2x.
+KIVI's full-precision residual window is not counted; each ZipCache tier stores the block's CST scale.
+With float32 parameters ZipCache's split would take 0.233x (reference) and 0.239x (D = 64): its per-token
+value parameters dominate the overhead, hence float16 storage, as in the reference implementations. The
+split's codes alone are 3.2 / 16 = 0.2x.
 """
 
 from __future__ import annotations
