@@ -45,15 +45,15 @@ ADAPTIVE = (
 )
 ADAPTIVE_BUDGETS = (0.1, 0.25)
 # quantization keeps every token, so one row each (no keep ratio); query-agnostic only. Beside the defaults
-# (ZipCache 4/2 bits with 40% low, KIVI-2): the reference's ZipCache scheme (one key range per set, no
-# clipping) and each of kvsqueeze's two key changes alone; on the reference scheme, fewer low-precision
-# tokens and 4 bits throughout; KIVI at 4 bits.
-REFERENCE = {"low_key_group": None, "key_clip": False}
+# (ZipCache 4/2 bits with 40% low and a key pair per 128 low-set tokens, KIVI-2): the reference's ZipCache
+# scheme (one key range per set), clipped key ranges with and without the groups, and on the reference
+# scheme fewer low-precision tokens and 4 bits throughout; KIVI at 4 bits.
+REFERENCE = {"low_key_group": None}
 QUANTIZED = (
     ("zipcache", {}),
     ("zipcache", REFERENCE),
-    ("zipcache", {"low_key_group": None}),
-    ("zipcache", {"key_clip": False}),
+    ("zipcache", {"key_clip": True}),
+    ("zipcache", {**REFERENCE, "key_clip": True}),
     ("zipcache", {**REFERENCE, "low_ratio": 0.2}),
     ("zipcache", {**REFERENCE, "low_bits": 4}),
     ("kivi", {}),

@@ -196,8 +196,8 @@ def render_tasks(scores: dict[str, dict[str, float]], length: int) -> str:
     tasks = sorted(TASKS)
     lines = [
         f"**Task scores at {length} tokens** (%, query-agnostic, 1 sample per task, seed 0). The `full`, "
-        "`zipcache` and `kivi` rows are the benchmark's run records (`key_clip=False,low_key_group=None` "
-        "is the reference's ZipCache scheme; `.venv/bin/python "
+        "`zipcache` and `kivi` rows are the benchmark's run records (`low_key_group=None` is the "
+        "reference's ZipCache scheme; `.venv/bin/python "
         "scripts/bench_report.py --write`); the QuantizedCache rows are measured by this report on the "
         "same prompts with transformers' defaults (quanto backend, group size 64, 128-token fp residual).",
         "",

@@ -177,3 +177,15 @@ def test_query_settings_split_where_the_question_starts(smollm2):
     assert "What is the key?" in tokenizer.decode(agnostic.followup_ids[0])
     assert "What is the key?" in tokenizer.decode(aware.compressed_ids[0])
     assert tokenizer.decode(aware.followup_ids[0]).rstrip().endswith("The key is")
+
+
+def test_kvpress_rows_read_the_teacher_from_the_full_run_record(tmp_path):
+    """kvpress's fidelity uses the full cache's continuation, found where the benchmark wrote it."""
+    from kvsqueeze.bench.baseline import _teacher_ids
+    from kvsqueeze.bench.runner import run_path
+
+    path = run_path(tmp_path, "query_agnostic", "niah_single_word", 4096, "full", 1.0)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"samples": [{"sample_id": "s0", "teacher_ids": [5, 6]}]}))
+    assert _teacher_ids(tmp_path, "query_agnostic", "niah_single_word", 4096) == {"s0": [5, 6]}
+    assert _teacher_ids(tmp_path, "query_aware", "niah_single_word", 4096) == {}

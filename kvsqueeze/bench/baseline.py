@@ -17,7 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kvsqueeze.bench.kvpress_env import KVPRESS_PRESSES, run_kvpress
 from kvsqueeze.bench.report import mean_of
-from kvsqueeze.bench.runner import BenchConfig, _run_path, answer_tokens, generated_samples
+from kvsqueeze.bench.runner import BenchConfig, answer_tokens, generated_samples, run_path
 from kvsqueeze.bench.scoring import postprocess, score_sample
 from kvsqueeze.bench.tasks import Sample
 
@@ -163,7 +163,7 @@ def _run_group(
 
 
 def _teacher_ids(out: Path, setting: str, task: str, length: int) -> dict[str, list[int]]:
-    path = _run_path(out, setting, task, length, "full", 1.0)
+    path = run_path(out, setting, task, length, "full", 1.0)
     if not path.exists():
         return {}
     return {s["sample_id"]: s.get("teacher_ids", []) for s in json.loads(path.read_text())["samples"]}

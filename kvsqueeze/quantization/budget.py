@@ -89,11 +89,9 @@ KIVI_2 = kivi_scheme(2)
 KIVI_4 = kivi_scheme(4)
 KIVI_8 = kivi_scheme(8)
 # ZipCache (spec B §1e): 4/2 bits, r_lo = 0.4, keys per channel per set, values CST. kvsqueeze's default
-# also gives the 2-bit set's keys a parameter pair per 128 of its tokens and searches the key ranges
-# (methods/zipcache.py says why); ZIPCACHE_REFERENCE is the reference's scheme.
-ZIPCACHE = KVQuantScheme(
-    "zipcache", 4, low_bits=2, low_ratio=0.4, value_cst=True, low_key_group_size=128, key_clip=True
-)
+# also gives the 2-bit set's keys a parameter pair per 128 of its tokens (methods/zipcache.py says why);
+# ZIPCACHE_REFERENCE is the reference's scheme.
+ZIPCACHE = KVQuantScheme("zipcache", 4, low_bits=2, low_ratio=0.4, value_cst=True, low_key_group_size=128)
 ZIPCACHE_REFERENCE = KVQuantScheme("zipcache-reference", 4, low_bits=2, low_ratio=0.4, value_cst=True)
 
 
