@@ -22,7 +22,7 @@ import copy
 
 import torch
 
-from kvsqueeze.cache.packed import PackedRows, pad_rows
+from kvsqueeze.cache.packed import PackedRows, pad_rows, rows_of_segments
 from kvsqueeze.quantization.budget import KVQuantScheme
 from kvsqueeze.quantization.packing import unpack_codes_float
 from kvsqueeze.quantization.quantizer import EPS, round_up
@@ -87,11 +87,7 @@ class QuantizedTier:
         if self.key_group_size is None:
             groups, num_groups = torch.zeros_like(segments), 1
         else:
-            rank = (
-                torch.arange(segments.numel(), device=segments.device)
-                - (torch.cumsum(counts, 0) - counts)[segments]
-            )
-            groups = rank // self.key_group_size
+            groups = rows_of_segments(counts)[1] // self.key_group_size  # rank in the segment, grouped
             num_groups = max(1, -(-int(counts.max()) // self.key_group_size))
         flat = segments * num_groups + groups  # (M,) into this event's (S * num_groups) groups
         steps, mins = group_channel_params(

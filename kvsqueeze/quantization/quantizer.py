@@ -181,20 +181,16 @@ def quantize_fp32(
     """
     *lead, num_tokens, head_dim = x.shape
     size = resolve_group_size(axis, group_size, num_tokens, head_dim)
-    levels = (1 << bits) - 1
     grouped, reduce_dim = _grouped(x, axis, size)
     if grouped.numel():
         lo, hi = grouped.amin(reduce_dim), grouped.amax(reduce_dim)  # parameter shape, fp32
     else:
         lo = hi = grouped.new_zeros(_param_shape(x.shape, axis, size))
 
-    def codes_of(mins: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        step, low = scales.float().unsqueeze(reduce_dim), mins.float().unsqueeze(reduce_dim)
-        q = torch.round((grouped - low) / step).clamp_(0, levels)  # grouped shape
-        return q, q * step + low
-
     def squared_error(mins: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        return (codes_of(mins, scales)[1] - grouped).square().sum(reduce_dim)
+        step, low = scales.float().unsqueeze(reduce_dim), mins.float().unsqueeze(reduce_dim)
+        rebuilt = round_codes(grouped, step, low, bits) * step + low
+        return (rebuilt - grouped).square().sum(reduce_dim)
 
     if clip:
         mins, scales = search_clip(lo, hi, bits, param_dtype, eps, squared_error)
@@ -205,7 +201,8 @@ def quantize_fp32(
             f"cannot quantize: the block has inf/nan values or values outside the {param_dtype} range of "
             "the stored parameters (pass param_dtype=torch.float32)"
         )
-    q = codes_of(mins, scales)[0].to(torch.uint8)
+    step, low = scales.float().unsqueeze(reduce_dim), mins.float().unsqueeze(reduce_dim)
+    q = round_codes(grouped, step, low, bits).to(torch.uint8)  # grouped shape
     codes = pack_codes(q.reshape(*lead, num_tokens, head_dim), bits)  # (*, T, D * bits // 8)
     return QuantizedTensor(
         codes=codes,
@@ -233,6 +230,11 @@ def _param_shape(shape: torch.Size, axis: str, size: int) -> tuple[int, ...]:
     if axis == "channel":
         return (*lead, num_tokens // size, head_dim)
     return (*lead, num_tokens, head_dim // size)
+
+
+def round_codes(x: torch.Tensor, step: torch.Tensor, low: torch.Tensor, bits: int) -> torch.Tensor:
+    """fp32 codes ``clamp(round((x - mn) / s), 0, 2**b - 1)`` of ``x`` under broadcastable ``s`` and ``mn``."""
+    return torch.round((x - low) / step).clamp_(0, (1 << bits) - 1)
 
 
 def range_params(

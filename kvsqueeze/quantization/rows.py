@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from kvsqueeze.quantization.packing import check_bits, check_head_dim, pack_codes, unpack_codes_float
-from kvsqueeze.quantization.quantizer import EPS, range_params, search_clip
+from kvsqueeze.quantization.quantizer import EPS, range_params, round_codes, search_clip
 
 
 def group_channel_params(
@@ -49,7 +49,7 @@ def group_channel_params(
 
     def squared_error(mins: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         step, low = steps.float()[group], mins.float()[group]  # (N, D)
-        rebuilt = torch.round((x - low) / step).clamp_(0, (1 << bits) - 1) * step + low
+        rebuilt = round_codes(x, step, low, bits) * step + low
         return x.new_zeros(num_groups, d).index_add_(0, group, (rebuilt - x).square())
 
     if clip:
@@ -97,8 +97,7 @@ def encode(x: torch.Tensor, steps: torch.Tensor, mins: torch.Tensor, bits: int) 
     n, d = x.shape
     check_head_dim(d, bits)
     step, low = broadcast_params(steps, d), broadcast_params(mins, d)
-    codes = torch.round((x.float() - low) / step).clamp_(0, (1 << bits) - 1)
-    return pack_codes(codes.to(torch.uint8), bits)
+    return pack_codes(round_codes(x.float(), step, low, bits).to(torch.uint8), bits)
 
 
 def decode_tokens(codes: torch.Tensor, steps: torch.Tensor, mins: torch.Tensor, bits: int) -> torch.Tensor:
