@@ -45,16 +45,19 @@ ADAPTIVE = (
 )
 ADAPTIVE_BUDGETS = (0.1, 0.25)
 # quantization keeps every token, so one row each (no keep ratio); query-agnostic only. Beside the defaults
-# (ZipCache 4/2 bits with 40% low and a key pair per 128 low-set tokens, KIVI-2): the reference's ZipCache
-# scheme (one key range per set), clipped key ranges with and without the groups, and on the reference
-# scheme fewer low-precision tokens and 4 bits throughout; KIVI at 4 bits.
-REFERENCE = {"low_key_group": None}
+# (ZipCache: every key at 4 bits, the values of the least salient 75% at 2 bits; KIVI-2): ZipCache's demo
+# split (keys and values of the least salient 40% at 2 bits) with kvsqueeze's key pair per 128 low-set
+# tokens and without it (the reference's scheme), clipped key ranges on both, and on the reference scheme
+# fewer low-precision tokens and 4 bits throughout; KIVI at 4 bits.
+DEMO_SPLIT = {"key_low_ratio": 0.4, "value_low_ratio": 0.4}
+REFERENCE = {**DEMO_SPLIT, "low_key_group": None}
 QUANTIZED = (
     ("zipcache", {}),
+    ("zipcache", DEMO_SPLIT),
     ("zipcache", REFERENCE),
-    ("zipcache", {"key_clip": True}),
+    ("zipcache", {**DEMO_SPLIT, "key_clip": True}),
     ("zipcache", {**REFERENCE, "key_clip": True}),
-    ("zipcache", {**REFERENCE, "low_ratio": 0.2}),
+    ("zipcache", {**REFERENCE, "key_low_ratio": 0.2, "value_low_ratio": 0.2}),
     ("zipcache", {**REFERENCE, "low_bits": 4}),
     ("kivi", {}),
     ("kivi", {"bits": 4}),

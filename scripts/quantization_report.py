@@ -29,7 +29,11 @@ import time
 from pathlib import Path
 
 import torch
-from bench_report import QUANTIZED, REFERENCE  # the benchmark's quantization rows (scripts/bench_report.py)
+from bench_report import (  # the benchmark's quantization rows (scripts/bench_report.py)
+    DEMO_SPLIT,
+    QUANTIZED,
+    REFERENCE,
+)
 
 import kvsqueeze
 from kvsqueeze import SqueezeCache
@@ -58,6 +62,7 @@ BENCH_ROWS = ("full", *(MethodSpec(name, params).label for name, params in QUANT
 OURS = (
     ("full", {}),
     ("zipcache", {}),
+    ("zipcache", DEMO_SPLIT),
     ("zipcache", REFERENCE),
     ("kivi", {}),
     ("kivi", {"bits": 4}),
@@ -196,8 +201,8 @@ def render_tasks(scores: dict[str, dict[str, float]], length: int) -> str:
     tasks = sorted(TASKS)
     lines = [
         f"**Task scores at {length} tokens** (%, query-agnostic, 1 sample per task, seed 0). The `full`, "
-        "`zipcache` and `kivi` rows are the benchmark's run records (`low_key_group=None` is the "
-        "reference's ZipCache scheme; `.venv/bin/python "
+        "`zipcache` and `kivi` rows are the benchmark's run records (`key_low_ratio=0.4,low_key_group=None,"
+        "value_low_ratio=0.4` is the reference's ZipCache scheme; `.venv/bin/python "
         "scripts/bench_report.py --write`); the QuantizedCache rows are measured by this report on the "
         "same prompts with transformers' defaults (quanto backend, group size 64, 128-token fp residual).",
         "",

@@ -307,6 +307,19 @@ def test_mixed_sets_match_separate_quantization_and_share_c():
         assert bool(((part.dequantize() - target).abs() <= step / 2 + slack).all())
 
 
+def test_keys_and_values_take_their_own_low_sets():
+    """With key_low_ratio and value_low_ratio apart, each side's low set is its own lowest scores."""
+    gen = torch.Generator().manual_seed(2)
+    x, scores = torch.randn(2, 20, 16, generator=gen), torch.rand(2, 20, generator=gen)
+    scheme = KVQuantScheme("kv", 4, low_bits=2, value_cst=True, key_low_ratio=0.1, value_low_ratio=0.75)
+    assert (scheme.key_ratio, scheme.value_ratio, scheme.splits) == (0.1, 0.75, True)
+    k, v = quantize_kv(x, x * 0.5, scheme, scores)
+    order = scores.argsort(-1)
+    assert torch.equal(k.lo_index, order[:, :2].sort(-1).values)
+    assert torch.equal(v.lo_index, order[:, :15].sort(-1).values)
+    assert not KVQuantScheme("none", 4, low_bits=2, key_low_ratio=0.0, value_low_ratio=0.0).splits
+
+
 def test_empty_sets_and_blocks():
     x = torch.randn(2, 10, 8)
     for axis in ("channel", "token"):
@@ -318,20 +331,24 @@ def test_empty_sets_and_blocks():
 
 
 def test_zipcache_default_split_fits_the_target_budget():
-    """Spec B §1b: 60% of tokens at 4 bits and 40% at 2 bits, keys per channel per set, values by CST,
-    float16 parameters, measured from the cache's tiers at D = 64 (each tier stores the block's c):
-    55.42 B per token and KV head for the reference's scheme (0.2165x fp16, codes alone 0.2x), 56.14 B
-    (0.2193x) with kvsqueeze's default pair per 128 low-set keys."""
+    """Spec B §1b, float16 parameters, measured from the cache's tiers at D = 64 (each tier stores its own
+    key pair per channel and the block's c). The reference's split (keys and values of 40% of the tokens at
+    2 bits, 60% at 4): 55.39 B per token and KV head, 0.2164x fp16 (codes alone 0.2x). kvsqueeze's default
+    (every key at 4 bits, the values of 75% of the tokens at 2 bits): 56.19 B, 0.2195x."""
     tokens, head_dim = 4096, 64
-    n_lo = int(0.4 * tokens)
-    n_hi = tokens - n_lo
-    codes = 2 * (n_hi * head_dim // 2 + n_lo * head_dim // 4)
     pair = 2 * head_dim  # (mn, s) per channel
-    value_params = 2 * tokens + 2 * head_dim  # (mn, s) per token, plus c in each tier
-    reference = codes + 2 * (2 * pair + value_params)  # float16 parameters
+    value_params = 2 * tokens + 2 * head_dim  # (mn, s) per token, plus c in each of the two tiers
+
+    def codes(key_low: int, value_low: int) -> int:  # 4-bit: D / 2 bytes per row, 2-bit: D / 4
+        return sum(
+            n * head_dim // 2 + low * head_dim // 4
+            for n, low in ((tokens - key_low, key_low), (tokens - value_low, value_low))
+        )
+
+    n_lo = int(0.4 * tokens)
+    reference = codes(n_lo, n_lo) + 2 * (2 * pair + value_params)
     assert bytes_per_token(ZIPCACHE_REFERENCE, tokens, head_dim) * tokens == reference
-    low_groups = -(-n_lo // 128)
-    default = codes + 2 * ((1 + low_groups) * pair + value_params)
+    default = codes(0, int(0.75 * tokens)) + 2 * (2 * pair + value_params)
     measured = bytes_per_token(ZIPCACHE, tokens, head_dim)
     assert measured * tokens == default
     assert measured / fp16_bytes_per_token(head_dim) <= 0.22

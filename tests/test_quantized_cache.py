@@ -13,7 +13,7 @@ from kvsqueeze.cache import PackedRows
 from kvsqueeze.cache.tiered import QuantizedTier, TieredRows
 from kvsqueeze.methods import get_method
 from kvsqueeze.models.tiny import tiny_model
-from kvsqueeze.quantization import ZIPCACHE, fp16_bytes_per_token, kivi_scheme
+from kvsqueeze.quantization import ZIPCACHE, ZIPCACHE_REFERENCE, fp16_bytes_per_token, kivi_scheme
 from kvsqueeze.quantization.budget import KVQuantScheme
 
 D = 8
@@ -53,6 +53,9 @@ schemes = st.sampled_from(
         KVQuantScheme("zip", 4, low_bits=2, low_ratio=0.4, value_cst=True),
         KVQuantScheme("zip8", 8, low_bits=4, low_ratio=0.5, value_cst=True),
         KVQuantScheme("zipg", 4, low_bits=2, low_ratio=0.4, value_cst=True, low_key_group_size=3),
+        KVQuantScheme("zipv", 4, low_bits=2, value_cst=True, key_low_ratio=0.2, value_low_ratio=0.7),
+        KVQuantScheme("zipk", 8, low_bits=2, key_low_ratio=0.6, value_low_ratio=0.3, low_key_group_size=2),
+        KVQuantScheme("zipv0", 4, low_bits=2, value_cst=True, key_low_ratio=0.0, value_low_ratio=0.75),
         kivi_scheme(2, group_size=4),
         kivi_scheme(4, group_size=2),
         kivi_scheme(8, group_size=8),
@@ -106,7 +109,7 @@ def test_tiered_rows_keep_order_fields_and_error_bound(lengths, scheme, seed, ro
 
 
 def test_zipcache_split_stores_under_022_of_fp16():
-    """ZipCache's default 4/2-bit split, measured from the stored tensors at D = 64: <= 0.22 x fp16."""
+    """ZipCache's default 4/2-bit scheme, measured from the stored tensors at D = 64: <= 0.22 x fp16."""
     gen = torch.Generator().manual_seed(0)
     tokens, head_dim, segments = 4096, 64, 2
     rows = PackedRows(segments)
@@ -121,19 +124,46 @@ def test_zipcache_split_stores_under_022_of_fp16():
     tiered.quantize(rows.valid_mask(), torch.rand(segments, tokens, generator=gen))
     per_token = tiered.nbytes(("keys", "values")) / (segments * tokens)
     assert per_token <= 0.22 * fp16_bytes_per_token(head_dim), per_token
-    assert [tier.rows.num_rows for tier in tiered.tiers] == [
-        2 * (tokens - int(0.4 * tokens)),
-        2 * int(0.4 * tokens),
+    assert [tier.rows.num_rows for tier in tiered.tiers] == [  # every key at 4 bits; 75% of values at 2
+        2 * (tokens - int(0.75 * tokens)),
+        2 * int(0.75 * tokens),
     ]
+    assert [(tier.key_bits, tier.value_bits) for tier in tiered.tiers] == [(4, 4), (4, 2)]
 
 
 def test_tier_rows_split_by_saliency():
     """The least salient floor(r_lo * n) rows of each segment go to the low-bit tier."""
     rows = random_rows([10, 10], seed=3)
-    tiered = TieredRows(rows, ZIPCACHE, torch.float32)
+    tiered = TieredRows(rows, ZIPCACHE_REFERENCE, torch.float32)
     saliency = torch.arange(10, dtype=torch.float32).expand(2, 10)
     tiered.quantize(rows.valid_mask().clone(), saliency)
     assert sorted(tiered.tiers[1].rows.fields["positions"].tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+@pytest.mark.parametrize(
+    ("key_ratio", "value_ratio", "kinds"),
+    [
+        (0.4, 0.4, [(False, False), (True, True)]),
+        (0.0, 0.75, [(False, False), (False, True)]),
+        (0.2, 0.6, [(False, False), (False, True), (True, True)]),
+        (0.5, 0.1, [(False, False), (True, False), (True, True)]),
+    ],
+)
+def test_keys_and_values_split_by_their_own_ratios(key_ratio, value_ratio, kinds):
+    """The keys of the floor(key_ratio * n) least salient rows and the values of the floor(value_ratio * n)
+    least salient are stored at low bits; one tier per (key bits, value bits) pair that can occur."""
+    scheme = KVQuantScheme("kv", 4, low_bits=2, key_low_ratio=key_ratio, value_low_ratio=value_ratio)
+    rows = random_rows([10, 10], seed=4)
+    tiered = TieredRows(rows, scheme, torch.float32)
+    assert tiered.kinds == kinds
+    saliency = torch.arange(10, dtype=torch.float32).expand(2, 10)  # position p is the p-th least salient
+    tiered.quantize(rows.valid_mask().clone(), saliency)
+    key_low, value_low = int(key_ratio * 10), int(value_ratio * 10)
+    for tier, (key_at_low, value_at_low) in zip(tiered.tiers, kinds, strict=True):
+        assert (tier.key_bits, tier.value_bits) == (2 if key_at_low else 4, 2 if value_at_low else 4)
+        for position in tier.rows.fields["positions"].tolist():
+            assert (position < key_low, position < value_low) == (key_at_low, value_at_low)
+    assert sum(tier.rows.num_rows for tier in tiered.tiers) == 20
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +183,10 @@ def test_eight_bit_zipcache_attends_like_the_full_cache(model):
     """With one 8-bit tier the quantized cache's next-token logits stay close to the full cache's."""
     ids, mask = left_padded_batch([70, 50], seed=5)
     logits = {}
-    for name, params in (("full", {}), ("zipcache", {"bits": 8, "low_ratio": 0.0, "streaming_gap": 4})):
+    for name, params in (
+        ("full", {}),
+        ("zipcache", {"bits": 8, "key_low_ratio": 0.0, "value_low_ratio": 0.0, "streaming_gap": 4}),
+    ):
         cache = SqueezeCache(model, name, **params)
         steps = []
         with torch.inference_mode():
@@ -243,6 +276,8 @@ def test_no_full_precision_copy_stays_between_calls(model):
     ("name", "params", "message"),
     [
         ("zipcache", {"bits": 3}, "unsupported bit width 3"),
+        ("zipcache", {"key_low_ratio": 1.5}, r"key_low_ratio must lie in \[0, 1\]"),
+        ("zipcache", {"value_low_ratio": -0.1}, r"value_low_ratio must lie in \[0, 1\]"),
         ("kivi", {"bits": 1}, "unsupported bit width 1"),
         ("kivi", {"residual": 100, "group_size": 32}, "multiple of group_size"),
         ("d2o+zipcache", {}, "does not compose with quantization"),

@@ -13,8 +13,9 @@ When rows are quantized (spec B §1d, §4.2):
   key parameters (ZipCache's ``N_s = 100``-token streaming buffer; KIVI's residual of ``R = 128``). Old rows
   are never re-quantized, so errors do not compound (ZipCache's reference re-quantizes everything).
 
-With a split scheme (``low_ratio > 0``), ``saliency`` ranks the rows of a block and the least salient
-``floor(low_ratio * n)`` go to the low-bit tier.
+With a split scheme (``scheme.splits``), ``saliency`` ranks the rows of a block: the keys of the least
+salient ``floor(key_ratio * n)`` and the values of the least salient ``floor(value_ratio * n)`` are
+stored at low bits.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class Quantize:
             raise ValueError(
                 f"quantization block {self.block} must be a multiple of the key group size {group}"
             )
-        if self.scheme.low_ratio > 0 and self.saliency is None:
+        if self.scheme.splits and self.saliency is None:
             raise ValueError(
                 f"scheme {self.scheme.name!r} splits rows by saliency; give it a saliency scorer"
             )

@@ -40,7 +40,7 @@ KV_FIELDS = ("keys", "values")
 
 
 class QuantizedTier:
-    """The rows of every segment stored at one bit width.
+    """The rows of every segment whose keys are stored at one bit width and values at one bit width.
 
     Per row (in ``rows``): packed key and value codes ``(N, D * bits / 8)`` uint8, per-token value
     parameters ``(N, D / G_v)``, and the layer's other per-row fields (positions, running scores). Per row
@@ -54,13 +54,15 @@ class QuantizedTier:
     def __init__(
         self,
         scheme: KVQuantScheme,
-        bits: int,
+        key_bits: int,
+        value_bits: int,
         num_segments: int,
         head_dim: int,
         device: torch.device,
         key_group_size: int | None = None,
     ) -> None:
-        self.scheme, self.bits, self.key_group_size = scheme, bits, key_group_size
+        self.scheme, self.key_group_size = scheme, key_group_size
+        self.key_bits, self.value_bits = key_bits, value_bits
         self.rows = PackedRows(num_segments, device=device)
         empty = torch.empty(num_segments, 0, head_dim, dtype=scheme.param_dtype, device=device)
         self.key_steps, self.key_mins = empty, empty.clone()
@@ -94,17 +96,17 @@ class QuantizedTier:
             keys,
             flat,
             s * num_groups,
-            self.bits,
+            self.key_bits,
             clip=self.scheme.key_clip,
             param_dtype=self.scheme.param_dtype,
         )  # (S * n, D)
-        key_codes = encode(keys, steps[flat], mins[flat], self.bits)
+        key_codes = encode(keys, steps[flat], mins[flat], self.key_bits)
         if channel_scale is not None:
             values = values.float() / channel_scale[segments].float()
         v_steps, v_mins = token_params(
-            values, self.bits, self.scheme.value_group_size, param_dtype=self.scheme.param_dtype
+            values, self.value_bits, self.scheme.value_group_size, param_dtype=self.scheme.param_dtype
         )
-        value_codes = encode(values, v_steps, v_mins, self.bits)
+        value_codes = encode(values, v_steps, v_mins, self.value_bits)
         self.key_steps = torch.cat([self.key_steps, steps.view(s, num_groups, d)], dim=1)
         self.key_mins = torch.cat([self.key_mins, mins.view(s, num_groups, d)], dim=1)
         if self.value_scale is not None:
@@ -133,9 +135,10 @@ class QuantizedTier:
             return torch.empty(0, d, device=self.key_steps.device)
         counts = self.group_lengths.reshape(-1)
         if name == "keys":
-            keys = unpack_codes_float(fields["key_codes"], self.bits)  # (N, D)
+            keys = unpack_codes_float(fields["key_codes"], self.key_bits)  # (N, D)
             return scale_by_group(keys, self.key_steps.reshape(-1, d), self.key_mins.reshape(-1, d), counts)
-        values = decode_tokens(fields["value_codes"], fields["value_steps"], fields["value_mins"], self.bits)
+        codes, steps, mins = (fields[f"value_{name}"] for name in ("codes", "steps", "mins"))
+        values = decode_tokens(codes, steps, mins, self.value_bits)
         if self.value_scale is not None:
             scale_by_group(values, self.value_scale.reshape(-1, d), None, self.event_lengths.reshape(-1))
         return values
@@ -193,23 +196,30 @@ class TieredRows:
     Args:
         residual: the layer's full-precision rows (fields ``keys``, ``values``, ``positions`` and any
             per-row state); it becomes the residual, and :meth:`quantize` moves rows out of it.
-        scheme: how rows are quantized: one tier at ``scheme.bits``, and a second at ``scheme.low_bits``
-            when the scheme splits tokens (ZipCache).
+        scheme: how rows are quantized: one tier at ``scheme.bits``; when the scheme splits tokens
+            (ZipCache), a tier for each (key bits, value bits) pair its key and value ratios can produce:
+            ``low_bits`` for both, and with different ratios ``low_bits`` for only the keys or only the
+            values. Each tier has its own key parameters, so with different ratios the high-bit keys are
+            stored as two sets (ZipCache's code keeps them as one; this costs one more pair per block).
     """
 
     def __init__(self, residual: PackedRows, scheme: KVQuantScheme, dtype: torch.dtype) -> None:
         keys = residual.fields["keys"]
         self.scheme, self.dtype = scheme, dtype
         self.residual = residual
-        tiers = [(scheme.bits, scheme.key_group_size)]
-        if scheme.low_ratio > 0:
-            low_group = (
-                scheme.key_group_size if scheme.low_key_group_size is None else scheme.low_key_group_size
-            )
-            tiers.append((scheme.low_bits, low_group))
+        self.kinds = tier_kinds(scheme)  # per tier: (keys at low bits, values at low bits)
+        low_group = scheme.key_group_size if scheme.low_key_group_size is None else scheme.low_key_group_size
         self.tiers = [
-            QuantizedTier(scheme, bits, residual.num_segments, keys.shape[-1], keys.device, group)
-            for bits, group in tiers
+            QuantizedTier(
+                scheme,
+                scheme.low_bits if key_low else scheme.bits,
+                scheme.low_bits if value_low else scheme.bits,
+                residual.num_segments,
+                keys.shape[-1],
+                keys.device,
+                low_group if key_low else scheme.key_group_size,
+            )
+            for key_low, value_low in self.kinds
         ]
         self._invalidate()
 
@@ -356,8 +366,9 @@ class TieredRows:
     def quantize(self, select: torch.Tensor, saliency: torch.Tensor | None = None) -> None:
         """Move the residual rows marked by ``select`` (S, T_res) into the quantized tiers.
 
-        ``saliency`` (S, T_res) ranks them for a split scheme: in each segment the ``floor(low_ratio * n)``
-        least salient of its ``n`` selected rows go to the low-bit tier.
+        ``saliency`` (S, T_res) ranks them for a split scheme: in each segment the keys of the
+        ``floor(key_ratio * n)`` least salient of its ``n`` selected rows and the values of the
+        ``floor(value_ratio * n)`` least salient are stored at low bits.
         """
         scheme, res = self.scheme, self.residual
         seg, within = res.segment_of_row()
@@ -370,18 +381,37 @@ class TieredRows:
         if scheme.value_cst:  # one c per segment for this block, shared by the tiers
             peak = group_channel_peak(moving["values"], segments, self.num_segments)
             channel_scale = round_up(peak.sqrt().clamp_min(EPS), scheme.param_dtype)  # (S, D)
-        low = torch.zeros_like(segments, dtype=torch.bool)
-        if len(self.tiers) > 1:
+        key_low = value_low = torch.zeros_like(segments, dtype=torch.bool)  # (M,)
+        if scheme.splits:
             if saliency is None:
                 raise ValueError(f"scheme {scheme.name!r} splits rows by saliency; pass saliency")
-            count = (scheme.low_ratio * select.sum(-1)).floor().long()
-            low = _lowest(saliency, select, count)[select]
-        for tier, take in zip(self.tiers, (~low, low), strict=False):
+            n = select.sum(-1)  # (S,)
+            key_low = _lowest(saliency, select, (scheme.key_ratio * n).floor().long())[select]
+            value_low = _lowest(saliency, select, (scheme.value_ratio * n).floor().long())[select]
+        for tier, (key_at_low, value_at_low) in zip(self.tiers, self.kinds, strict=True):
+            take = (key_low == key_at_low) & (value_low == value_at_low)
             keys, values = moving["keys"][take], moving["values"][take]
             extra = {n: d[take] for n, d in moving.items() if n not in KV_FIELDS}
             tier.add(keys, values, segments[take], channel_scale, extra)
         res.keep_rows(~chosen)
         self._invalidate()
+
+
+def tier_kinds(scheme: KVQuantScheme) -> list[tuple[bool, bool]]:
+    """The tiers a scheme needs, as (keys at low bits, values at low bits), the all-high tier first.
+
+    Keys and values rank rows by the same saliency, so the smaller low set lies inside the larger: rows
+    with only their values at low bits exist when ``value_ratio > key_ratio``, and conversely.
+    """
+    key_ratio, value_ratio = scheme.key_ratio, scheme.value_ratio
+    kinds = [(False, False)]
+    if value_ratio > key_ratio:
+        kinds.append((False, True))
+    if key_ratio > value_ratio:
+        kinds.append((True, False))
+    if min(key_ratio, value_ratio) > 0:
+        kinds.append((True, True))
+    return kinds
 
 
 def _lowest(scores: torch.Tensor, select: torch.Tensor, count: torch.Tensor) -> torch.Tensor:

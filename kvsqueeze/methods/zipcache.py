@@ -1,28 +1,31 @@
 """ZipCache (He et al., NeurIPS'24, arXiv 2405.14256): saliency-based mixed-precision KV quantization.
 
-Every token is kept; each is stored at 4 or 2 bits. Saliency is the normalized attention of probe queries
-(the last 5% of the prompt plus 5% random earlier positions, see
-:class:`~kvsqueeze.scorers.normalized_attention.NormalizedAttentionScorer`); per (sequence, KV head) the
-``floor(low_ratio * n)`` least salient tokens go to ``low_bits``, the others to ``bits``. Keys are quantized
-per channel over the tokens of their precision set, values by channel-separable token-wise quantization
-(CST), with float16 parameters. During decode, new tokens wait in a full-precision buffer; every
-``streaming_gap`` tokens the buffer is quantized as a new block, split by the current query's attention.
+Every token is kept; its key and its value are each stored at 4 or 2 bits. Saliency is the normalized
+attention of probe queries (the last 5% of the prompt plus 5% random earlier positions, see
+:class:`~kvsqueeze.scorers.normalized_attention.NormalizedAttentionScorer`); per (sequence, KV head) the keys
+of the ``floor(key_low_ratio * n)`` least salient tokens and the values of the ``floor(value_low_ratio * n)``
+least salient go to ``low_bits``, the others to ``bits`` (the official code's ``k_unimportant_ratio`` and
+``v_unimportant_ratio``). Keys are quantized per channel over the tokens of their precision set, values by
+channel-separable token-wise quantization (CST), with float16 parameters. During decode, new tokens wait in
+a full-precision buffer; every ``streaming_gap`` tokens the buffer is quantized as a new block, split by
+the current query's attention. Compose with eviction as ``EVICTION+zipcache`` (``cake+zipcache``).
 
-Defaults (official demo): 4/2 bits, ``low_ratio = 0.4`` (60% salient), probes 5% + 5%,
-``streaming_gap = 100``. Compose with eviction as ``EVICTION+zipcache`` (``cake+zipcache``).
+Defaults: 4/2 bits, probes 5% + 5%, ``streaming_gap = 100`` as in the official demo; the split differs.
+The demo stores the keys and values of the least salient 40% at 2 bits (``key_low_ratio = value_low_ratio
+= 0.4``). kvsqueeze's default keeps every key at 4 bits and stores the values of the least salient 75% at
+2 bits (``key_low_ratio = 0``, ``value_low_ratio = 0.75``): the same bytes (56.2 B per token and KV head at
+D = 64, 0.2195x fp16, under ZipCache's 0.22x), spent where the error is. On Qwen2.5-0.5B at 4k, 2-bit keys
+carry nearly all of the loss: on a needle task, quantizing only the values moves the next-token
+distribution by KL < 0.001, only the keys by 0.21. Post-RoPE key channels drift with position, so one range
+over a 1600-token low set is wide, and 4 levels across it lose the needle; counting tasks (common words)
+need every token's key, so no saliency split of the keys protects them.
 
-One default differs from the reference, on the 2-bit keys, which carry nearly all of the error (on
-Qwen2.5-0.5B, 4k needle task, quantizing only the values moves the next-token distribution by KL < 0.001,
-only the keys by 0.21):
-``low_key_group = 128`` gives the low set's keys a per-channel (min, step) pair per 128 of its tokens
-instead of one over the whole set. Post-RoPE channels drift with position, so a whole-prompt range is wide;
-KIVI groups keys the same way. It costs 0.8 B per token and KV head at D = 64: 56.1 B, 0.219x fp16, under
-ZipCache's 0.22x. On the 4k benchmark it halves the mean KL to the full cache (0.353 to 0.165).
-
-``key_clip = True`` also narrows each key group's range where that lowers its squared error
-(:func:`~kvsqueeze.quantization.quantizer.search_clip`, no extra bytes); measured, it does not help here
-(KL 0.177 with the groups), so it is off. ``zipcache(low_key_group=None)`` is the reference's scheme.
-docs/RESULTS.md reports all four.
+``low_key_group`` (default 128) gives the low set's keys a per-channel (min, step) pair per 128 of its
+tokens instead of one over the whole set, as KIVI groups keys; it matters only when keys are split.
+``key_clip = True`` narrows each key group's range where that lowers its squared error
+(:func:`~kvsqueeze.quantization.quantizer.search_clip`, no extra bytes). The reference's scheme is
+``zipcache(key_low_ratio=0.4, value_low_ratio=0.4, low_key_group=None)``. docs/RESULTS.md reports the
+default, the demo split with and without the key groups, and clipping.
 """
 
 from __future__ import annotations
@@ -39,14 +42,15 @@ from kvsqueeze.scorers.normalized_attention import NormalizedAttentionScorer
 @register
 @dataclass
 class ZipCache(Method):
-    """Salient tokens at ``bits``, the rest at ``low_bits``; keys per channel, values CST."""
+    """Salient tokens' keys and values at ``bits``, the rest at ``low_bits``; keys per channel, values CST."""
 
     name = "zipcache"
     summary = "mixed 4/2-bit quantization by normalized probe attention (keeps every token)"
     uses_budget = False
     bits: int = 4
     low_bits: int = 2
-    low_ratio: float = 0.4
+    key_low_ratio: float = 0.0
+    value_low_ratio: float = 0.75
     recent_ratio: float = 0.05
     random_ratio: float = 0.05
     streaming_gap: int = 100
@@ -58,8 +62,12 @@ class ZipCache(Method):
         super().validate()
         check_bits(self.bits)
         check_bits(self.low_bits)
-        if not 0.0 <= self.low_ratio <= 1.0:
-            raise ValueError(f"zipcache: low_ratio must lie in [0, 1], got {self.low_ratio}")
+        for label, ratio in (
+            ("key_low_ratio", self.key_low_ratio),
+            ("value_low_ratio", self.value_low_ratio),
+        ):
+            if not 0.0 <= ratio <= 1.0:
+                raise ValueError(f"zipcache: {label} must lie in [0, 1], got {ratio}")
         if self.low_key_group is not None and self.low_key_group < 1:
             raise ValueError(f"zipcache: low_key_group must be at least 1 token, got {self.low_key_group}")
         if self.streaming_gap < 1:
@@ -70,10 +78,11 @@ class ZipCache(Method):
             f"zipcache-{self.bits}/{self.low_bits}",
             self.bits,
             self.low_bits,
-            self.low_ratio,
             value_cst=True,
             low_key_group_size=self.low_key_group,
             key_clip=self.key_clip,
+            key_low_ratio=self.key_low_ratio,
+            value_low_ratio=self.value_low_ratio,
         )
         saliency = NormalizedAttentionScorer(self.recent_ratio, self.random_ratio, self.seed)
         quantize = Quantize(scheme, block=self.streaming_gap, saliency=saliency)

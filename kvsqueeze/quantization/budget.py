@@ -7,15 +7,15 @@ parameters, relative to the fp16 cache (``4 * D`` bytes per token for K and V)::
 
     scheme                                                D = 64              D = 128
     kivi-2   (2-bit, groups of 32)                     48.0 B  0.1875     96.0 B  0.1875
-    zipcache-reference (60% 4-bit, 40% 2-bit, CST)     55.4 B  0.2164    106.8 B  0.2086
-    zipcache (+ a key pair per 128 low-set tokens)     56.1 B  0.2193    108.3 B  0.2115
+    zipcache-reference (K and V: 60% 4-bit, 40% 2-bit) 55.4 B  0.2164    106.8 B  0.2086
+    zipcache (K 4-bit; V 25% 4-bit, 75% 2-bit)         56.2 B  0.2195    108.4 B  0.2117
     kivi-4   (4-bit, groups of 32)                     80.0 B  0.3125    160.0 B  0.3125
     kivi-8   (8-bit, groups of 32)                    144.0 B  0.5625    288.0 B  0.5625
 
-KIVI's full-precision residual window is not counted; each ZipCache tier stores the block's CST scale.
-With float32 parameters ZipCache's split would take 0.233x (reference) and 0.239x (D = 64): its per-token
-value parameters dominate the overhead, hence float16 storage, as in the reference implementations. The
-split's codes alone are 3.2 / 16 = 0.2x.
+KIVI's full-precision residual window is not counted; each ZipCache tier stores its key pair per channel
+and the block's CST scale. With float32 parameters ZipCache would take 0.233x (reference) and 0.236x
+(default, D = 64): its per-token value parameters dominate the overhead, hence float16 storage, as in the
+reference implementations. The codes alone are 3.2 / 16 = 0.2x (reference) and 3.25 / 16 = 0.203x.
 """
 
 from __future__ import annotations
@@ -38,10 +38,13 @@ class KVQuantScheme:
 
     Keys are quantized per channel (``key_group_size`` consecutive tokens per group, ``None``: all tokens of
     the set), values per token (``value_group_size`` consecutive channels per group, ``None``: all
-    channels), or by CST when ``value_cst``. With ``low_ratio > 0``, the ``floor(low_ratio * T)`` tokens with
-    the lowest scores are stored at ``low_bits`` and the others at ``bits`` (ZipCache); the low set's keys
-    then get a parameter pair per ``low_key_group_size`` of its tokens (``None``: as ``key_group_size``).
-    ``key_clip`` narrows each key group's range where that lowers its squared error.
+    channels), or by CST when ``value_cst``. With a low ratio above 0, the ``floor(ratio * T)`` tokens with
+    the lowest scores are stored at ``low_bits`` and the others at ``bits`` (ZipCache). ``low_ratio`` is
+    that ratio for keys and values; ``key_low_ratio`` or ``value_low_ratio`` replace it for one of them
+    (ZipCache's code sets ``k_unimportant_ratio`` and ``v_unimportant_ratio`` apart). Both rank the tokens
+    by the same scores, so the smaller low set lies inside the larger. The low set's keys get a parameter
+    pair per ``low_key_group_size`` of its tokens (``None``: as ``key_group_size``). ``key_clip`` narrows
+    each key group's range where that lowers its squared error.
     """
 
     name: str
@@ -54,18 +57,42 @@ class KVQuantScheme:
     param_dtype: torch.dtype = torch.float16
     low_key_group_size: int | None = None
     key_clip: bool = False
+    key_low_ratio: float | None = None
+    value_low_ratio: float | None = None
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
         for label, group in (("key", self.key_group_size), ("low-set key", self.low_key_group_size)):
             if group is not None and group < 1:
                 raise ValueError(f"{label} group size must be at least 1 token, got {group}")
-        if not 0.0 <= self.low_ratio <= 1.0:
-            raise ValueError(f"low_ratio must lie in [0, 1], got {self.low_ratio}")
-        if self.low_ratio > 0:
+        for label, ratio in (
+            ("low_ratio", self.low_ratio),
+            ("key_low_ratio", self.key_low_ratio),
+            ("value_low_ratio", self.value_low_ratio),
+        ):
+            if ratio is not None and not 0.0 <= ratio <= 1.0:
+                raise ValueError(f"{label} must lie in [0, 1], got {ratio}")
+        if self.splits:
             if self.low_bits is None:
-                raise ValueError(f"scheme {self.name!r} has low_ratio {self.low_ratio} but no low_bits")
+                raise ValueError(
+                    f"scheme {self.name!r} stores some tokens at low precision but has no low_bits"
+                )
             check_bits(self.low_bits)
+
+    @property
+    def key_ratio(self) -> float:
+        """Fraction of a block's tokens whose keys are stored at ``low_bits``."""
+        return self.low_ratio if self.key_low_ratio is None else self.key_low_ratio
+
+    @property
+    def value_ratio(self) -> float:
+        """Fraction of a block's tokens whose values are stored at ``low_bits``."""
+        return self.low_ratio if self.value_low_ratio is None else self.value_low_ratio
+
+    @property
+    def splits(self) -> bool:
+        """Whether tokens are split by score into a high-bit and a low-bit set (ZipCache)."""
+        return self.key_ratio > 0 or self.value_ratio > 0
         if self.param_dtype not in PARAM_DTYPES:
             raise ValueError(
                 f"unsupported parameter dtype {self.param_dtype}; choose float16, bfloat16 or float32"
@@ -88,10 +115,13 @@ def kivi_scheme(bits: int = 2, group_size: int = 32) -> KVQuantScheme:
 KIVI_2 = kivi_scheme(2)
 KIVI_4 = kivi_scheme(4)
 KIVI_8 = kivi_scheme(8)
-# ZipCache (spec B §1e): 4/2 bits, r_lo = 0.4, keys per channel per set, values CST. kvsqueeze's default
-# also gives the 2-bit set's keys a parameter pair per 128 of its tokens (methods/zipcache.py says why);
-# ZIPCACHE_REFERENCE is the reference's scheme.
-ZIPCACHE = KVQuantScheme("zipcache", 4, low_bits=2, low_ratio=0.4, value_cst=True, low_key_group_size=128)
+# ZipCache (spec B §1e): 4/2 bits, keys per channel per set, values CST. The reference (the official demo)
+# stores the keys and values of the least salient 40% at 2 bits; kvsqueeze's default spends the same bytes
+# on the keys: every key at 4 bits, the values of the least salient 75% at 2 bits (methods/zipcache.py says
+# why), and a key pair per 128 low-set tokens when keys are split.
+ZIPCACHE = KVQuantScheme(
+    "zipcache", 4, low_bits=2, key_low_ratio=0.0, value_low_ratio=0.75, value_cst=True, low_key_group_size=128
+)
 ZIPCACHE_REFERENCE = KVQuantScheme("zipcache-reference", 4, low_bits=2, low_ratio=0.4, value_cst=True)
 
 
@@ -105,12 +135,12 @@ def quantize_kv(
     cache stores (:class:`~kvsqueeze.cache.tiered.TieredRows`), for whole blocks.
 
     ``scores`` ``(*, T)`` rank the tokens for a mixed-precision scheme (the lowest go to the low set, one
-    selection per leading index, shared by keys and values); it is required when ``scheme.low_ratio > 0``.
+    ranking per leading index, shared by keys and values); it is required when ``scheme.splits``.
     Key groups must divide their set here (the cache also stores a last, partial group).
     """
     dtype = scheme.param_dtype
     clip = scheme.key_clip
-    if scheme.low_ratio == 0:
+    if not scheme.splits:
         k = quantize(keys, scheme.bits, "channel", scheme.key_group_size, param_dtype=dtype, clip=clip)
         if scheme.value_cst:
             v = cst_quantize(values, scheme.bits, scheme.value_group_size, param_dtype=dtype)
@@ -121,11 +151,10 @@ def quantize_kv(
         raise ValueError(f"scheme {scheme.name!r} splits tokens by score; pass scores of shape (*, T)")
     if scores.shape != keys.shape[:-1]:
         raise ValueError(f"scores must have shape {tuple(keys.shape[:-1])}, got {tuple(scores.shape)}")
-    low = lowest_mask(scores, int(scheme.low_ratio * scores.shape[-1]))  # (*, T)
-    bits = (scheme.bits, scheme.low_bits)
+    tokens, bits = scores.shape[-1], (scheme.bits, scheme.low_bits)
     k = quantize_mixed(
         keys,
-        low,
+        lowest_mask(scores, int(scheme.key_ratio * tokens)),  # (*, T)
         *bits,
         "channel",
         scheme.key_group_size,
@@ -134,7 +163,13 @@ def quantize_kv(
         clip=clip,
     )
     v = quantize_mixed(
-        values, low, *bits, "token", scheme.value_group_size, cst=scheme.value_cst, param_dtype=dtype
+        values,
+        lowest_mask(scores, int(scheme.value_ratio * tokens)),
+        *bits,
+        "token",
+        scheme.value_group_size,
+        cst=scheme.value_cst,
+        param_dtype=dtype,
     )
     return k, v
 
