@@ -225,6 +225,22 @@ def test_quantized_methods_generate_and_store_fewer_bytes(model, name):
     assert cache.kv_nbytes() < 0.6 * evicted_only.kv_nbytes(), cache.kv_nbytes() / evicted_only.kv_nbytes()
 
 
+def test_zipcache_with_three_tiers_and_high_set_key_groups_generates(model):
+    """Keys and values split apart (three tiers) and key groups in the high set, prompt and decode blocks."""
+    ids, mask = left_padded_batch([70, 50], seed=5)
+    params = {"key_low_ratio": 0.3, "value_low_ratio": 0.6, "key_group": 16, "streaming_gap": 10}
+    cache = SqueezeCache(model, "zipcache", **params)
+    model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    for layer in cache.layers:
+        tiers = layer.rows.tiers
+        assert [(t.key_bits, t.value_bits, t.key_group_size) for t in tiers] == [
+            (4, 4, 16),
+            (4, 2, 16),
+            (2, 2, 128),
+        ]
+        assert all(t.rows.num_rows > 0 for t in tiers)
+
+
 @pytest.mark.parametrize("name", ["snapkv", "pyramidkv", "cake"])
 def test_quantization_keeps_the_rows_eviction_chose(model, name):
     """At prefill, eviction scores full-precision rows, then quantizes what is left: same positions."""

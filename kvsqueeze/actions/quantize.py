@@ -43,7 +43,8 @@ class Quantize:
         if self.block < 1:
             raise ValueError(f"quantization block must be at least 1 row, got {self.block}")
         group = self.scheme.key_group_size
-        if group is not None and self.block % group:
+        # KIVI's residual holds whole key groups; otherwise a block's last group may be partial
+        if self.keep_remainder and group is not None and self.block % group:
             raise ValueError(
                 f"quantization block {self.block} must be a multiple of the key group size {group}"
             )

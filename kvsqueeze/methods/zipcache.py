@@ -22,6 +22,7 @@ need every token's key, so no saliency split of the keys protects them.
 
 ``low_key_group`` (default 128) gives the low set's keys a per-channel (min, step) pair per 128 of its
 tokens instead of one over the whole set, as KIVI groups keys; it matters only when keys are split.
+``key_group`` does the same for the high set (default ``None``: one pair over the set, as the reference).
 ``key_clip = True`` narrows each key group's range where that lowers its squared error
 (:func:`~kvsqueeze.quantization.quantizer.search_clip`, no extra bytes). The reference's scheme is
 ``zipcache(key_low_ratio=0.4, value_low_ratio=0.4, low_key_group=None)``. docs/RESULTS.md reports the
@@ -55,6 +56,7 @@ class ZipCache(Method):
     random_ratio: float = 0.05
     streaming_gap: int = 100
     seed: int = 0
+    key_group: int | None = None
     low_key_group: int | None = 128
     key_clip: bool = False
 
@@ -68,8 +70,9 @@ class ZipCache(Method):
         ):
             if not 0.0 <= ratio <= 1.0:
                 raise ValueError(f"zipcache: {label} must lie in [0, 1], got {ratio}")
-        if self.low_key_group is not None and self.low_key_group < 1:
-            raise ValueError(f"zipcache: low_key_group must be at least 1 token, got {self.low_key_group}")
+        for label, group in (("key_group", self.key_group), ("low_key_group", self.low_key_group)):
+            if group is not None and group < 1:
+                raise ValueError(f"zipcache: {label} must be at least 1 token, got {group}")
         if self.streaming_gap < 1:
             raise ValueError(f"zipcache: streaming_gap must be at least 1, got {self.streaming_gap}")
 
@@ -78,6 +81,7 @@ class ZipCache(Method):
             f"zipcache-{self.bits}/{self.low_bits}",
             self.bits,
             self.low_bits,
+            key_group_size=self.key_group,
             value_cst=True,
             low_key_group_size=self.low_key_group,
             key_clip=self.key_clip,
