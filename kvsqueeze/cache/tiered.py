@@ -137,8 +137,9 @@ class QuantizedTier:
         if name == "keys":
             keys = unpack_codes_float(fields["key_codes"], self.key_bits)  # (N, D)
             return scale_by_group(keys, self.key_steps.reshape(-1, d), self.key_mins.reshape(-1, d), counts)
-        codes, steps, mins = (fields[f"value_{name}"] for name in ("codes", "steps", "mins"))
-        values = decode_tokens(codes, steps, mins, self.value_bits)
+        values = decode_tokens(
+            fields["value_codes"], fields["value_steps"], fields["value_mins"], self.value_bits
+        )
         if self.value_scale is not None:
             scale_by_group(values, self.value_scale.reshape(-1, d), None, self.event_lengths.reshape(-1))
         return values
