@@ -240,6 +240,7 @@ def test_head_dim_that_packing_cannot_fill(bits, head_dim):
         (lambda: quantize_kv(torch.zeros(4, 8), torch.zeros(4, 8), ZIPCACHE), "pass scores"),
         (lambda: KVQuantScheme("z", 4, low_ratio=0.3), "no low_bits"),
         (lambda: KVQuantScheme("z", 4, low_bits=2, low_ratio=1.5), r"low_ratio must lie in \[0, 1\]"),
+        (lambda: KVQuantScheme("z", 4, param_dtype=torch.int8), "unsupported parameter dtype"),
     ],
 )
 def test_other_errors_are_one_line(call, match):

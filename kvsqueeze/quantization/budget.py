@@ -78,6 +78,10 @@ class KVQuantScheme:
                     f"scheme {self.name!r} stores some tokens at low precision but has no low_bits"
                 )
             check_bits(self.low_bits)
+        if self.param_dtype not in PARAM_DTYPES:
+            raise ValueError(
+                f"unsupported parameter dtype {self.param_dtype}; choose float16, bfloat16 or float32"
+            )
 
     @property
     def key_ratio(self) -> float:
@@ -93,10 +97,6 @@ class KVQuantScheme:
     def splits(self) -> bool:
         """Whether tokens are split by score into a high-bit and a low-bit set (ZipCache)."""
         return self.key_ratio > 0 or self.value_ratio > 0
-        if self.param_dtype not in PARAM_DTYPES:
-            raise ValueError(
-                f"unsupported parameter dtype {self.param_dtype}; choose float16, bfloat16 or float32"
-            )
 
     def check_head_dim(self, head_dim: int) -> None:
         """Raise a one-line ``ValueError`` if heads of ``head_dim`` channels cannot be stored this way."""
