@@ -386,9 +386,10 @@ class TieredRows:
         if scheme.splits:
             if saliency is None:
                 raise ValueError(f"scheme {scheme.name!r} splits rows by saliency; pass saliency")
-            n = select.sum(-1)  # (S,)
-            key_low = _lowest(saliency, select, (scheme.key_ratio * n).floor().long())[select]
-            value_low = _lowest(saliency, select, (scheme.value_ratio * n).floor().long())[select]
+            rank = _saliency_rank(saliency, select)[select]  # (M,) 0 = least salient of its segment
+            selected = select.sum(-1)[segments]  # (M,) rows selected in the row's segment
+            key_low = rank < (scheme.key_ratio * selected).floor().long()
+            value_low = rank < (scheme.value_ratio * selected).floor().long()
         for tier, (key_at_low, value_at_low) in zip(self.tiers, self.kinds, strict=True):
             take = (key_low == key_at_low) & (value_low == value_at_low)
             keys, values = moving["keys"][take], moving["values"][take]
@@ -415,12 +416,12 @@ def tier_kinds(scheme: KVQuantScheme) -> list[tuple[bool, bool]]:
     return kinds
 
 
-def _lowest(scores: torch.Tensor, select: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """(S, T) bool: the ``count[s]`` lowest ``scores`` among the ``select`` ed slots of each segment."""
+def _saliency_rank(scores: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+    """(S, T) long: each ``select`` ed slot's rank by ascending score among its segment's selected slots
+    (ties in slot order); slots outside ``select`` rank after them."""
     ranked = scores.float().masked_fill(~select, float("inf"))
-    rank = torch.empty_like(ranked, dtype=torch.long).scatter_(
+    return torch.empty_like(ranked, dtype=torch.long).scatter_(
         1,
         ranked.argsort(dim=-1, stable=True),
         torch.arange(ranked.shape[-1], device=ranked.device).expand_as(ranked),
     )
-    return (rank < count[:, None]) & select
