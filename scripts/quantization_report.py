@@ -229,8 +229,8 @@ def render(rows: list[dict], tokens: int, head_dim: int) -> str:
         "any full-precision residual), from the tensors; fp16 is `4 * D` bytes. Decode: the full cache's "
         f"{DECODE_TOKENS}-token greedy continuation fed one token at a time to every cache (teacher forcing), "
         "timed (tokens/s = one over the median step time), with KL(full || cache) and top-1 agreement of "
-        "the next-token distributions over those steps; speed ratios are against the full cache in this same run. `snapkv+zipcache` keeps 25% of "
-        "the tokens, then quantizes them.",
+        "the next-token distributions over those steps; speed ratios are against the full cache in this "
+        "same run. `snapkv+zipcache` keeps 25% of the tokens, then quantizes them.",
         "",
         "| cache | bytes / token / head | vs fp16 | KL | top-1 | prefill tok/s | decode tok/s | decode vs full |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
