@@ -209,7 +209,6 @@ class TieredRows:
         self.scheme, self.dtype = scheme, dtype
         self.residual = residual
         self.kinds = tier_kinds(scheme)  # per tier: (keys at low bits, values at low bits)
-        low_group = scheme.key_group_size if scheme.low_key_group_size is None else scheme.low_key_group_size
         self.tiers = [
             QuantizedTier(
                 scheme,
@@ -218,7 +217,7 @@ class TieredRows:
                 residual.num_segments,
                 keys.shape[-1],
                 keys.device,
-                low_group if key_low else scheme.key_group_size,
+                scheme.low_set_key_group if key_low else scheme.key_group_size,
             )
             for key_low, value_low in self.kinds
         ]

@@ -94,6 +94,11 @@ class KVQuantScheme:
         return self.low_ratio if self.value_low_ratio is None else self.value_low_ratio
 
     @property
+    def low_set_key_group(self) -> int | None:
+        """Rows per key parameter pair in the low set: ``low_key_group_size``, else ``key_group_size``."""
+        return self.key_group_size if self.low_key_group_size is None else self.low_key_group_size
+
+    @property
     def splits(self) -> bool:
         """Whether tokens are split by score into a high-bit and a low-bit set (ZipCache)."""
         return self.key_ratio > 0 or self.value_ratio > 0
@@ -158,7 +163,7 @@ def quantize_kv(
         *bits,
         "channel",
         scheme.key_group_size,
-        low_group_size=scheme.low_key_group_size,
+        low_group_size=scheme.low_set_key_group,
         param_dtype=dtype,
         clip=clip,
     )
