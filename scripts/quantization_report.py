@@ -14,7 +14,8 @@ One run, one process, one prompt (the benchmark's 4k ``qa_generated`` sample, se
 
 3. Task scores at 4k: transformers' ``QuantizedCache`` answers every benchmark task (the benchmark's own
    samples, query-agnostic prompts, answer lengths and scoring), beside the ZipCache and KIVI rows of the
-   benchmark's run records (``scripts/bench_report.py``, ``docs/bench/runs``).
+   benchmark's run records (``scripts/bench_report.py``, ``docs/bench/runs``), and the benchmark's
+   ZipCache default beside the full cache at more samples per task (``docs/bench/repeats``).
 
 transformers' own ``QuantizedCache`` (quanto backend) is measured beside ours when ``optimum-quanto`` is
 installed (``pip install optimum-quanto==0.2.7``; its first use compiles a C++ extension, minutes here).
@@ -34,6 +35,8 @@ from bench_report import (  # the benchmark's quantization rows (scripts/bench_r
     DEMO_SPLIT,
     QUANTIZED,
     REFERENCE,
+    REPEAT_SAMPLES,
+    REPEATED,
 )
 
 import kvsqueeze
@@ -94,9 +97,8 @@ def caches(model):
     """(label, a fresh cache factory, bytes-of-the-cache) for every cache measured."""
     out = []
     for name, params in OURS:
-        label = name + "".join(f" {k}={v}" for k, v in params.items())
         budget = 0.25 if "+" in name else 1.0
-        label += " @0.25" if "+" in name else ""
+        label = MethodSpec(name, params).label + (f" @{budget:g}" if budget < 1 else "")
         out.append(
             (
                 label,
@@ -189,25 +191,24 @@ def hf_task_scores(model, tokenizer, length: int) -> dict[str, dict[str, float]]
     return scores
 
 
-def bench_task_scores(length: int) -> dict[str, dict[str, float]]:
-    """{method: {task: score}} of BENCH_ROWS from the benchmark's run records (missing runs left out)."""
+def bench_task_scores(
+    length: int, methods: tuple[str, ...] = BENCH_ROWS, out: Path = BENCH_OUT
+) -> dict[str, dict[str, float]]:
+    """{method: {task: score}} of ``methods`` from the benchmark's run records under ``out`` (missing runs
+    left out)."""
     scores: dict[str, dict[str, float]] = {}
-    for method in BENCH_ROWS:
+    for method in methods:
         for task in sorted(TASKS):
-            path = run_path(BENCH_OUT, "query_agnostic", task, length, method, 1.0)
+            path = run_path(out, "query_agnostic", task, length, method, 1.0)
             if path.exists():
                 scores.setdefault(method, {})[task] = json.loads(path.read_text())["score"]
     return scores
 
 
-def render_tasks(scores: dict[str, dict[str, float]], length: int) -> str:
+def render_tasks(scores: dict[str, dict[str, float]], intro: str) -> str:
     tasks = sorted(TASKS)
     lines = [
-        f"**Task scores at {length} tokens** (%, query-agnostic, 1 sample per task, seed 0). The `full`, "
-        "`zipcache` and `kivi` rows are the benchmark's run records (`key_low_ratio=0.4,low_key_group=None,"
-        "value_low_ratio=0.4` is the reference's ZipCache scheme; `.venv/bin/python "
-        "scripts/bench_report.py --write`); the QuantizedCache rows are measured by this report on the "
-        "same prompts with transformers' defaults (quanto backend, group size 64, 128-token fp residual).",
+        intro,
         "",
         "| cache | " + " | ".join(tasks) + " | avg | tasks |",
         "| --- |" + " ---: |" * (len(tasks) + 2),
@@ -274,7 +275,20 @@ def main() -> None:
     scores = bench_task_scores(args.length)
     if importlib.util.find_spec("optimum.quanto") is not None:
         scores |= hf_task_scores(model, tokenizer, args.length)
-    body += "\n\n" + render_tasks(scores, args.length)
+    body += "\n\n" + render_tasks(
+        scores,
+        f"**Task scores at {args.length} tokens** (%, query-agnostic, 1 sample per task, seed 0). The "
+        "`full`, `zipcache` and `kivi` rows are the benchmark's run records (`key_low_ratio=0.4,"
+        "low_key_group=None,value_low_ratio=0.4` is the reference's ZipCache scheme; `.venv/bin/python "
+        "scripts/bench_report.py --write`); the QuantizedCache rows are measured by this report on the "
+        "same prompts with transformers' defaults (quanto backend, group size 64, 128-token fp residual).",
+    )
+    repeated = ("full", *(MethodSpec(name, params).label for name, params in REPEATED))
+    body += "\n\n" + render_tasks(
+        bench_task_scores(args.length, repeated, BENCH_OUT / "repeats"),
+        f"The same at {REPEAT_SAMPLES} samples per task (samples 0 to {REPEAT_SAMPLES - 1}, each score "
+        "the mean over them): the benchmark's `repeats` run records (`docs/bench/repeats`).",
+    )
     body += f"\n\nWall time of this report: {time.perf_counter() - started:.0f} s."
     print(body)
     if args.write:
