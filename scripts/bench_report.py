@@ -4,10 +4,10 @@
     .venv/bin/python scripts/bench_report.py --write    # and replace the bench block in docs/RESULTS.md
 
 Every kvsqueeze method at keep ratios 0.1, 0.25 and 0.5 on every generated task, in both settings, plus
-kvpress's presses on the same samples (query-agnostic), and the quantized default beside the full cache at
-REPEAT_SAMPLES samples per task. Run records go to docs/bench/runs, docs/bench/kvpress and
-docs/bench/repeats; an interrupted run resumes from them, and the wall time of every invocation is
-added up in docs/bench/wall_seconds.json. The plots are written to docs/bench/plots.
+kvpress's presses on the same samples (query-agnostic), and ZipCache (its default and 4 bits throughout)
+beside the full cache at REPEAT_SAMPLES samples per task. Run records go to docs/bench/runs,
+docs/bench/kvpress and docs/bench/repeats; an interrupted run resumes from them, and the wall time of
+every invocation is added up in docs/bench/wall_seconds.json. The plots are written to docs/bench/plots.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def config(samples: int, setting: str) -> BenchConfig:
 
 
 def repeat_config() -> BenchConfig:
-    """The quantized default and the full cache at REPEAT_SAMPLES samples per task, query-agnostic."""
+    """The REPEATED rows and the full cache at REPEAT_SAMPLES samples per task, query-agnostic."""
     return dataclasses.replace(
         config(REPEAT_SAMPLES, "query_agnostic"),
         methods=[MethodSpec(name, params) for name, params in REPEATED],
