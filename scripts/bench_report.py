@@ -237,12 +237,14 @@ def report(args: argparse.Namespace) -> None:
             markdown_table(same, "query_agnostic"),
         ]
     repeated = load_records(repeat_config(), OUT / "repeats")
+    labels = [f"`{MethodSpec(n, p).label}`" for n, p in REPEATED]
     lines += [
         "",
         f"### ZipCache at {REPEAT_SAMPLES} samples per task, query_agnostic",
         "",
-        f"The full cache and {', '.join(MethodSpec(n, p).label for n, p in REPEATED)} on samples 0 to "
-        f"{REPEAT_SAMPLES - 1} of every task (sample 0 is the grid's; run records in `docs/bench/repeats`).",
+        ", ".join(["The full cache", *labels[:-1]])
+        + f" and {labels[-1]} on samples 0 to {REPEAT_SAMPLES - 1} of every task (sample 0 is the grid's; "
+        "run records in `docs/bench/repeats`).",
         "",
         markdown_table(repeated, "query_agnostic") if repeated else "_not run yet_",
     ]
