@@ -7,8 +7,8 @@ precision rows are stored: one packed row per token, ``(N, D * bits / 8)`` codes
 parameters, while the parameters that span tokens (per-channel key minimum and step, CST's channel scale)
 sit in a small table indexed by *row group*. A row group is the set of rows one quantization shares a key
 parameter pair over: one (segment, block, tier) for ZipCache, split into runs of ``low_key_group`` tokens
-where the tier's keys are at 2 bits, and ``G`` consecutive tokens of one segment for KIVI. Evicting a row later frees its codes;
-its group's parameters stay valid for the rows left.
+where the tier's keys are at 2 bits, and ``G`` consecutive tokens of one segment for KIVI. Evicting a row
+later frees its codes; its group's parameters stay valid for the rows left.
 
 Arithmetic is fp32, parameters are rounded to ``param_dtype`` (down for minima, up for steps) before the
 codes are computed, as in the dense quantizer, so the error bound ``|x - x_hat| <= s / 2`` holds per row
