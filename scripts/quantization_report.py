@@ -62,8 +62,6 @@ COMMAND = ".venv/bin/python scripts/quantization_report.py --write"
 DECODE_TOKENS = 64
 HF_BITS = (4, 2)
 BENCH_OUT = ROOT / "docs" / "bench"
-# read from the benchmark's run records (their labels there)
-BENCH_ROWS = ("full", *(MethodSpec(name, params).label for name, params in QUANTIZED))
 OURS = (
     ("full", {}),
     ("zipcache", {}),
@@ -193,12 +191,12 @@ def hf_task_scores(model, tokenizer, length: int) -> dict[str, dict[str, float]]
 
 
 def bench_task_scores(
-    length: int, methods: tuple[str, ...] = BENCH_ROWS, out: Path = BENCH_OUT
+    length: int, rows: tuple[tuple[str, dict], ...] = QUANTIZED, out: Path = BENCH_OUT
 ) -> dict[str, dict[str, float]]:
-    """{method: {task: score}} of ``methods`` from the benchmark's run records under ``out`` (missing runs
-    left out)."""
+    """{label: {task: score}} of the full cache and the (name, params) ``rows`` from the benchmark's run
+    records under ``out``, read by the labels they have there (missing runs left out)."""
     scores: dict[str, dict[str, float]] = {}
-    for method in methods:
+    for method in ("full", *(MethodSpec(name, params).label for name, params in rows)):
         for task in sorted(TASKS):
             path = run_path(out, "query_agnostic", task, length, method, 1.0)
             if path.exists():
@@ -284,9 +282,8 @@ def main() -> None:
         "scripts/bench_report.py --write`); the QuantizedCache rows are measured by this report on the "
         "same prompts with transformers' defaults (quanto backend, group size 64, 128-token fp residual).",
     )
-    repeated = ("full", *(MethodSpec(name, params).label for name, params in REPEATED))
     body += "\n\n" + render_tasks(
-        bench_task_scores(args.length, repeated, BENCH_OUT / "repeats"),
+        bench_task_scores(args.length, REPEATED, BENCH_OUT / "repeats"),
         f"The same at {REPEAT_SAMPLES} samples per task (samples 0 to {REPEAT_SAMPLES - 1}, each score "
         "the mean over them): the benchmark's `repeats` run records (`docs/bench/repeats`).",
     )
