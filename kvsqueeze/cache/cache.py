@@ -21,6 +21,7 @@ from kvsqueeze.cache.budget import Budget
 from kvsqueeze.cache.group import LayerGroup
 from kvsqueeze.cache.layer import SqueezeLayer
 from kvsqueeze.methods import Method, get_method
+from kvsqueeze.quantization.rope import KeyRotation, key_rotations
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "mistral", "gemma3_text")
 """Model types (``config.model_type``) whose attention the cache and the attention hook support."""
@@ -65,13 +66,16 @@ class SqueezeCache(Cache):
         self.budget = Budget.parse(budget)
         self.config = text
         quantize = self.method.components().quantize
+        n = text.num_hidden_layers
+        rotations: list[KeyRotation | None] = [None] * n
         if quantize is not None:
             quantize.scheme.check_head_dim(
                 getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
             )
+            if quantize.scheme.key_pre_rope:
+                rotations = key_rotations(text)
         self._model_config = config
         layer_types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
-        n = text.num_hidden_layers
         layers = [
             SqueezeLayer(
                 self.method.components(),  # one set per layer: scorers and actions may keep layer state
@@ -80,6 +84,7 @@ class SqueezeCache(Cache):
                 num_layers=n,
                 sliding_window=text.sliding_window if layer_types[i] == "sliding_attention" else None,
                 record_prefill=record_prefill,
+                key_rotation=rotations[i],
             )
             for i in range(n)
         ]

@@ -31,6 +31,7 @@ from kvsqueeze.cache.group import LayerGroup
 from kvsqueeze.cache.packed import PackedRows
 from kvsqueeze.cache.tiered import TieredRows
 from kvsqueeze.methods.base import Components, Schedule
+from kvsqueeze.quantization.rope import KeyRotation
 
 KV_FIELDS = ("keys", "values")
 
@@ -49,6 +50,7 @@ class SqueezeLayer(CacheLayerMixin):
         num_layers: int,
         sliding_window: int | None = None,
         record_prefill: bool = False,
+        key_rotation: KeyRotation | None = None,
     ) -> None:
         # CacheLayerMixin.__init__ would assign self.keys / self.values, which are read-only views here.
         self.is_initialized = False
@@ -59,6 +61,7 @@ class SqueezeLayer(CacheLayerMixin):
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
         self.record_prefill = record_prefill
+        self.key_rotation = key_rotation  # the layer's RoPE, for a scheme that quantizes keys before it
         self.group: LayerGroup | None = None  # set by the cache: the sibling layers
         scorer = components.scorer
         # a score per row: the running score of stateful scorers, or the prompt scores cross-layer
@@ -341,7 +344,7 @@ class SqueezeLayer(CacheLayerMixin):
             return
         start = time.perf_counter()
         if not isinstance(self.rows, TieredRows):
-            self.rows = TieredRows(self.rows, quant.scheme, self.dtype)
+            self.rows = TieredRows(self.rows, quant.scheme, self.dtype, self.key_rotation)
         due = quant.due(self.rows.residual, obs.is_prefill)  # (S, T_res)
         if due is None:
             return

@@ -10,7 +10,7 @@ of one head can sit at different precisions and still be evicted one by one.
 (sorted by position), with the :class:`PackedRows` methods the layer uses (``padded``, ``keep``,
 ``update_field``, ``select_segments``, ``append``, ``nbytes``). So eviction, the recent window and the
 attention masks work on a quantized layer unchanged. ``padded("keys")`` dequantizes the layer's rows for one
-attention call; the copy is dropped by :meth:`TieredRows.release` when the call ends, so at most one layer's
+attention call (rows quantized in a rotated frame are turned back to the model's); the copy is dropped by :meth:`TieredRows.release` when the call ends, so at most one layer's
 full-precision keys and values exist at a time and nothing full precision stays between calls.
 
 Plain PyTorch: no transformers import.
@@ -24,8 +24,10 @@ import torch
 
 from kvsqueeze.cache.packed import PackedRows, pad_rows, rows_of_segments
 from kvsqueeze.quantization.budget import KVQuantScheme
+from kvsqueeze.quantization.hadamard import rotate_values
 from kvsqueeze.quantization.packing import unpack_codes_float
 from kvsqueeze.quantization.quantizer import EPS, round_up
+from kvsqueeze.quantization.rope import KeyRotation
 from kvsqueeze.quantization.rows import (
     broadcast_params,
     decode_tokens,
@@ -129,7 +131,8 @@ class QuantizedTier:
         return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
 
     def dequantize(self, name: str) -> torch.Tensor:
-        """Keys or values of every stored row, ``(N, D)`` fp32, in storage order."""
+        """Keys or values of every stored row, ``(N, D)`` fp32, in storage order, in the frame they were
+        quantized in (keys before RoPE under ``key_pre_rope``, values turned under ``value_hadamard``)."""
         fields, d = self.rows.fields, self.key_steps.shape[-1]
         if not fields:
             return torch.empty(0, d, device=self.key_steps.device)
@@ -202,11 +205,26 @@ class TieredRows:
             ``low_bits`` for both, and with different ratios ``low_bits`` for only the keys or only the
             values. Each tier has its own key parameters, so with different ratios the high-bit keys are
             stored as two sets (ZipCache's code keeps them as one; this costs one more pair per block).
+        dtype: the dtype of the dequantized keys and values attention gets.
+        key_rotation: the layer's RoPE, required by a ``key_pre_rope`` scheme: the tiers then hold keys
+            turned back to before RoPE (``QuantizedTier.dequantize`` returns them so), and
+            :meth:`padded` turns them forward again at each row's position.
     """
 
-    def __init__(self, residual: PackedRows, scheme: KVQuantScheme, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        residual: PackedRows,
+        scheme: KVQuantScheme,
+        dtype: torch.dtype,
+        key_rotation: KeyRotation | None = None,
+    ) -> None:
         keys = residual.fields["keys"]
+        if scheme.key_pre_rope and key_rotation is None:
+            raise ValueError(
+                f"scheme {scheme.name!r} quantizes keys before RoPE; pass the layer's key_rotation"
+            )
         self.scheme, self.dtype = scheme, dtype
+        self.key_rotation = key_rotation if scheme.key_pre_rope else None
         self.residual = residual
         self.kinds = tier_kinds(scheme)  # per tier: (keys at low bits, values at low bits)
         self.tiers = [
@@ -305,12 +323,21 @@ class TieredRows:
         slots = self.slots()
         for (seg, within), tier in zip(slots, self.tiers, strict=False):
             if tier.rows.fields:
-                out[seg, within] = tier.dequantize(name).to(dtype) if kv else tier.rows.fields[name]
+                out[seg, within] = self._dequantize(tier, name).to(dtype) if kv else tier.rows.fields[name]
         seg, within = slots[-1]
         out[seg, within] = own.to(dtype)
         if kv:
             self._dense[name] = out
         return out
+
+    def _dequantize(self, tier: QuantizedTier, name: str) -> torch.Tensor:
+        """A tier's keys or values ``(N, D)`` fp32 as attention sees them (keys after RoPE, values unturned)."""
+        rows = tier.dequantize(name)
+        if name == "keys" and self.key_rotation is not None:
+            rows = self.key_rotation.rotate(rows, tier.rows.fields["positions"])
+        if name == "values" and self.scheme.value_hadamard:
+            rows = rotate_values(rows)  # H is its own inverse
+        return rows
 
     def _gather(self, padded: torch.Tensor) -> list[torch.Tensor]:
         """A per-row tensor given as (S, T_max, *feature) in combined order, split per part's stored rows."""
@@ -376,6 +403,10 @@ class TieredRows:
         if not bool(chosen.any()):
             return
         moving = {name: data[chosen] for name, data in res.fields.items()}
+        if self.key_rotation is not None:  # quantized before RoPE: undo it at each row's position
+            moving["keys"] = self.key_rotation.rotate(moving["keys"], moving["positions"], inverse=True)
+        if scheme.value_hadamard:
+            moving["values"] = rotate_values(moving["values"])
         segments = seg[chosen]  # (M,) sorted
         channel_scale = None
         if scheme.value_cst:  # one c per segment for this block, shared by the tiers

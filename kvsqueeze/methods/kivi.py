@@ -8,7 +8,8 @@ and during decode new tokens wait there until ``residual`` of them are quantized
 Defaults (paper): 2 bits, ``group_size = 32``, ``residual = 128`` (the repo's GSM8K example uses 32).
 One simplification: values leave the residual with their keys, in blocks, where KIVI's values slide out
 one token at a time (the same bits per token; at most ``residual - 1`` values differ in when they are
-quantized). Compose with eviction as ``EVICTION+kivi`` (``h2o+kivi``).
+quantized). Compose with eviction as ``EVICTION+kivi`` (``h2o+kivi``). ``key_pre_rope = True`` quantizes
+the keys before RoPE, as ZipCache can (:mod:`~kvsqueeze.quantization.rope`; off by default, as in KIVI).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class KIVI(Method):
     bits: int = 2
     group_size: int = 32
     residual: int = 128
+    key_pre_rope: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -42,5 +44,6 @@ class KIVI(Method):
             )
 
     def components(self) -> Components:
-        quantize = Quantize(kivi_scheme(self.bits, self.group_size), block=self.residual, keep_remainder=True)
+        scheme = kivi_scheme(self.bits, self.group_size, key_pre_rope=self.key_pre_rope)
+        quantize = Quantize(scheme, block=self.residual, keep_remainder=True)
         return Components(scorer=None, allocator=None, schedule=Schedule.NEVER, quantize=quantize)

@@ -26,7 +26,12 @@ what is left comes from the 4-bit per-channel keys, not from the 2-bit values.
 ``low_key_group`` (default 128) gives the low set's keys a per-channel (min, step) pair per 128 of its
 tokens instead of one over the whole set, as KIVI groups keys; it matters only when keys are split.
 ``key_group`` does the same for the high set (default ``None``: one pair over the set, as the reference).
-``key_clip = True`` narrows each key group's range where that lowers its squared error
+``key_pre_rope = True`` quantizes the keys in their frame before RoPE (KVQuant, Hooper et al. 2024; see
+:mod:`~kvsqueeze.quantization.rope`): the cache turns each key back by its position before quantizing it
+and forward again after dequantizing, at no extra bytes. Post-RoPE, a channel's steady offset (Qwen2's key
+bias) turns with position and widens the channel's range; before RoPE it does not. It is off by default,
+as the reference quantizes the keys it caches; docs/RESULTS.md runs it beside the default at 3 samples per
+task. ``key_clip = True`` narrows each key group's range where that lowers its squared error
 (:func:`~kvsqueeze.quantization.quantizer.search_clip`, no extra bytes). The reference's scheme is
 ``zipcache(key_low_ratio=0.4, value_low_ratio=0.4, low_key_group=None)``. docs/RESULTS.md reports the
 default, the demo split with and without the key groups, and clipping.
@@ -62,6 +67,8 @@ class ZipCache(Method):
     key_group: int | None = None
     low_key_group: int | None = 128
     key_clip: bool = False
+    key_pre_rope: bool = False
+    value_hadamard: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -88,6 +95,8 @@ class ZipCache(Method):
             value_cst=True,
             low_key_group_size=self.low_key_group,
             key_clip=self.key_clip,
+            key_pre_rope=self.key_pre_rope,
+            value_hadamard=self.value_hadamard,
             key_low_ratio=self.key_low_ratio,
             value_low_ratio=self.value_low_ratio,
         )

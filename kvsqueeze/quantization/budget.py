@@ -25,9 +25,11 @@ from dataclasses import dataclass
 import torch
 
 from kvsqueeze.quantization.cst import cst_quantize
+from kvsqueeze.quantization.hadamard import check_hadamard_dim
 from kvsqueeze.quantization.mixed import MixedQuantized, quantize_mixed
 from kvsqueeze.quantization.packing import check_bits, check_head_dim
 from kvsqueeze.quantization.quantizer import PARAM_DTYPES, QuantizedTensor, quantize
+from kvsqueeze.quantization.rope import KeyRotation
 
 Quantized = QuantizedTensor | MixedQuantized
 
@@ -44,7 +46,9 @@ class KVQuantScheme:
     (ZipCache's code sets ``k_unimportant_ratio`` and ``v_unimportant_ratio`` apart). Both rank the tokens
     by the same scores, so the smaller low set lies inside the larger. The low set's keys get a parameter
     pair per ``low_key_group_size`` of its tokens (``None``: as ``key_group_size``). ``key_clip`` narrows
-    each key group's range where that lowers its squared error.
+    each key group's range where that lowers its squared error. ``key_pre_rope`` quantizes keys in their
+    frame before RoPE (:mod:`~kvsqueeze.quantization.rope`; the cache needs the model's rotation);
+    ``value_hadamard`` quantizes values turned by a Hadamard matrix (:mod:`~kvsqueeze.quantization.hadamard`).
     """
 
     name: str
@@ -59,6 +63,8 @@ class KVQuantScheme:
     key_clip: bool = False
     key_low_ratio: float | None = None
     value_low_ratio: float | None = None
+    key_pre_rope: bool = False
+    value_hadamard: bool = False
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -110,11 +116,19 @@ class KVQuantScheme:
         group = self.value_group_size
         if group is not None and (group <= 0 or head_dim % group):
             raise ValueError(f"value group size {group} does not divide the head dimension {head_dim}")
+        if self.value_hadamard:
+            check_hadamard_dim(head_dim)
 
 
-def kivi_scheme(bits: int = 2, group_size: int = 32) -> KVQuantScheme:
+def kivi_scheme(bits: int = 2, group_size: int = 32, *, key_pre_rope: bool = False) -> KVQuantScheme:
     """KIVI (spec B §4.2): keys per channel over groups of tokens, values per token over groups of channels."""
-    return KVQuantScheme(f"kivi-{bits}", bits, key_group_size=group_size, value_group_size=group_size)
+    return KVQuantScheme(
+        f"kivi-{bits}",
+        bits,
+        key_group_size=group_size,
+        value_group_size=group_size,
+        key_pre_rope=key_pre_rope,
+    )
 
 
 KIVI_2 = kivi_scheme(2)
@@ -141,8 +155,16 @@ def quantize_kv(
 
     ``scores`` ``(*, T)`` rank the tokens for a mixed-precision scheme (the lowest go to the low set, one
     ranking per leading index, shared by keys and values); it is required when ``scheme.splits``.
-    Key groups must divide their set here (the cache also stores a last, partial group).
+    Key groups must divide their set here (the cache also stores a last, partial group). Rotated
+    schemes (``key_pre_rope``, ``value_hadamard``) are the cache's: rotate the block first
+    (:meth:`~kvsqueeze.quantization.rope.KeyRotation.rotate`,
+    :func:`~kvsqueeze.quantization.hadamard.rotate_values`) and quantize it without the flags.
     """
+    if scheme.key_pre_rope or scheme.value_hadamard:
+        raise ValueError(
+            f"quantize_kv does not rotate ({scheme.name!r} has key_pre_rope or value_hadamard); "
+            "rotate the block first and quantize it without those flags"
+        )
     dtype = scheme.param_dtype
     clip = scheme.key_clip
     if not scheme.splits:
@@ -205,6 +227,9 @@ def bytes_per_token(scheme: KVQuantScheme, tokens: int = 4096, head_dim: int = 6
     keys, values = torch.randn(2, 1, tokens, head_dim, generator=gen, dtype=torch.float16)  # (1, T, D) each
     rows = PackedRows(1)
     rows.append({"keys": keys, "values": values, "positions": torch.arange(tokens, dtype=torch.int32)[None]})
-    tiered = TieredRows(rows, scheme, torch.float16)
+    rotation = None
+    if scheme.key_pre_rope:  # a rotation costs no bytes; any frequencies measure the same
+        rotation = KeyRotation(1.0 / 10000 ** (torch.arange(0, head_dim, 2) / head_dim), head_dim)
+    tiered = TieredRows(rows, scheme, torch.float16, rotation)
     tiered.quantize(rows.valid_mask(), torch.rand(1, tokens, generator=gen))
     return tiered.nbytes(("keys", "values")) / tokens
