@@ -4,10 +4,11 @@
     .venv/bin/python scripts/bench_report.py --write    # and replace the bench block in docs/RESULTS.md
 
 Every kvsqueeze method at keep ratios 0.1, 0.25 and 0.5 on every generated task, in both settings, plus
-kvpress's presses on the same samples (query-agnostic), and ZipCache (its default and 4 bits throughout)
-beside the full cache at REPEAT_SAMPLES samples per task. Run records go to docs/bench/runs,
-docs/bench/kvpress and docs/bench/repeats; an interrupted run resumes from them, and the wall time of
-every invocation is added up in docs/bench/wall_seconds.json. The plots are written to docs/bench/plots.
+kvpress's presses on the same samples (query-agnostic), and ZipCache (its default, 4 bits throughout, and
+in rotated frames) beside the full cache at REPEAT_SAMPLES samples per task. Run records go to
+docs/bench/runs, docs/bench/kvpress and docs/bench/repeats; an interrupted run resumes from them, and the
+wall time of every invocation is added up in docs/bench/wall_seconds.json. The plots are written to
+docs/bench/plots.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ ADAPTIVE_BUDGETS = (0.1, 0.25)
 # fewer low-precision tokens and 4 bits throughout; KIVI at 4 bits.
 DEMO_SPLIT = {"key_low_ratio": 0.4, "value_low_ratio": 0.4}
 REFERENCE = {**DEMO_SPLIT, "low_key_group": None}
+ROTATED = {"key_pre_rope": True, "value_hadamard": True}  # the default's bytes, keys and values turned
 QUANTIZED = (
     ("zipcache", {}),
     ("zipcache", DEMO_SPLIT),
@@ -67,9 +69,14 @@ SETTINGS = ("query_agnostic", "query_aware")
 # With one sample per task, one wrong word in a list answer moves a row's average by 1 to 2 points. The
 # quantized default is also run at more samples (indices 0 to REPEAT_SAMPLES - 1, so sample 0 is the
 # grid's own) beside the full cache, in its own folder, with ZipCache at 4 bits throughout as a control
-# (does the gap come from the 2-bit values or from quantizing at all?).
+# (does the gap come from the 2-bit values or from quantizing at all?), and the default quantizing in
+# rotated frames: keys before RoPE, values turned by a Hadamard matrix (same bytes).
 REPEAT_SAMPLES = 3
-REPEATED = (("zipcache", {}), ("zipcache", {**REFERENCE, "low_bits": 4}))
+REPEATED = (
+    ("zipcache", {}),
+    ("zipcache", {**REFERENCE, "low_bits": 4}),
+    ("zipcache", ROTATED),
+)
 RIVAL_NOTE = (
     "kvpress's best press is the one with the best average at that ratio, run query-agnostic; "
     "KVzip and AdaKV mask rather than drop rows, so their bytes stay near the full cache's."

@@ -15,7 +15,7 @@ One run, one process, one prompt (the benchmark's 4k ``qa_generated`` sample, se
 3. Task scores at 4k: transformers' ``QuantizedCache`` answers every benchmark task (the benchmark's own
    samples, query-agnostic prompts, answer lengths and scoring), beside the ZipCache and KIVI rows of the
    benchmark's run records (``scripts/bench_report.py``, ``docs/bench/runs``), and the benchmark's
-   ZipCache rows (default, 4 bits throughout) beside the full cache at more samples per task
+   ZipCache rows (default, 4 bits throughout, rotated frames) beside the full cache at more samples per task
    (``docs/bench/repeats``).
 
 transformers' own ``QuantizedCache`` (quanto backend) is measured beside ours when ``optimum-quanto`` is
@@ -38,6 +38,7 @@ from bench_report import (  # the benchmark's quantization rows (scripts/bench_r
     REFERENCE,
     REPEAT_SAMPLES,
     REPEATED,
+    ROTATED,
 )
 
 import kvsqueeze
@@ -65,6 +66,8 @@ BENCH_OUT = ROOT / "docs" / "bench"
 OURS = (
     ("full", {}),
     ("zipcache", {}),
+    ("zipcache", {"key_pre_rope": True}),
+    ("zipcache", ROTATED),
     ("zipcache", DEMO_SPLIT),
     ("zipcache", REFERENCE),
     ("kivi", {}),
