@@ -179,14 +179,17 @@ def prefill(model, name: str, budget: float = 1.0, **params) -> SqueezeCache:
     return cache
 
 
-def test_eight_bit_zipcache_attends_like_the_full_cache(model):
-    """With one 8-bit tier the quantized cache's next-token logits stay close to the full cache's."""
+@pytest.mark.parametrize("rotated", [False, True])
+def test_eight_bit_zipcache_attends_like_the_full_cache(model, rotated):
+    """With one 8-bit tier the quantized cache's next-token logits stay close to the full cache's, also
+    when keys are quantized before RoPE (turned by each row's own position in a left-padded batch) and
+    values after a Hadamard turn."""
     ids, mask = left_padded_batch([70, 50], seed=5)
     logits = {}
-    for name, params in (
-        ("full", {}),
-        ("zipcache", {"bits": 8, "key_low_ratio": 0.0, "value_low_ratio": 0.0, "streaming_gap": 4}),
-    ):
+    eight_bits = {"bits": 8, "key_low_ratio": 0.0, "value_low_ratio": 0.0, "streaming_gap": 4}
+    if rotated:
+        eight_bits.update(key_pre_rope=True, value_hadamard=True)
+    for name, params in (("full", {}), ("zipcache", eight_bits)):
         cache = SqueezeCache(model, name, **params)
         steps = []
         with torch.inference_mode():
