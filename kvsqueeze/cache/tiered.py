@@ -10,8 +10,9 @@ of one head can sit at different precisions and still be evicted one by one.
 (sorted by position), with the :class:`PackedRows` methods the layer uses (``padded``, ``keep``,
 ``update_field``, ``select_segments``, ``append``, ``nbytes``). So eviction, the recent window and the
 attention masks work on a quantized layer unchanged. ``padded("keys")`` dequantizes the layer's rows for one
-attention call (rows quantized in a rotated frame are turned back to the model's); the copy is dropped by :meth:`TieredRows.release` when the call ends, so at most one layer's
-full-precision keys and values exist at a time and nothing full precision stays between calls.
+attention call (rows quantized in a rotated frame are turned back to the model's); the copy is dropped by
+:meth:`TieredRows.release` when the call ends, so at most one layer's full-precision keys and values exist
+at a time and nothing full precision stays between calls.
 
 Plain PyTorch: no transformers import.
 """
@@ -331,7 +332,7 @@ class TieredRows:
         return out
 
     def _dequantize(self, tier: QuantizedTier, name: str) -> torch.Tensor:
-        """A tier's keys or values ``(N, D)`` fp32 as attention sees them (keys after RoPE, values unturned)."""
+        """A tier's keys or values ``(N, D)`` fp32 as attention sees them (in the model's frame)."""
         rows = tier.dequantize(name)
         if name == "keys" and self.key_rotation is not None:
             rows = self.key_rotation.rotate(rows, tier.rows.fields["positions"])

@@ -26,6 +26,7 @@ what is left comes from the 4-bit per-channel keys, not from the 2-bit values.
 ``low_key_group`` (default 128) gives the low set's keys a per-channel (min, step) pair per 128 of its
 tokens instead of one over the whole set, as KIVI groups keys; it matters only when keys are split.
 ``key_group`` does the same for the high set (default ``None``: one pair over the set, as the reference).
+
 Two options quantize in a rotated frame, at no extra bytes. ``key_pre_rope = True`` quantizes the keys as
 they were before RoPE (KVQuant, Hooper et al. 2024; :mod:`~kvsqueeze.quantization.rope`): the cache turns
 each key back by its position before quantizing it and forward again after dequantizing. After RoPE a
@@ -33,7 +34,9 @@ channel's steady offset (Qwen2's key bias) turns with position and widens the ch
 it does not. ``value_hadamard = True`` quantizes ``v @ H`` for an orthonormal Hadamard ``H`` (QuaRot,
 Ashkboos et al. 2024; :mod:`~kvsqueeze.quantization.hadamard`), so no single channel sets a token's range.
 Both are off by default, as in the reference; docs/RESULTS.md runs them together beside the default at 3
-samples per task, and the quantization report gives their KL. ``key_clip = True`` narrows each key group's range where that lowers its squared error
+samples per task, and the quantization report gives their KL.
+
+``key_clip = True`` narrows each key group's range where that lowers its squared error
 (:func:`~kvsqueeze.quantization.quantizer.search_clip`, no extra bytes). The reference's scheme is
 ``zipcache(key_low_ratio=0.4, value_low_ratio=0.4, low_key_group=None)``. docs/RESULTS.md reports the
 default, the demo split with and without the key groups, and clipping.
