@@ -25,7 +25,14 @@ from pathlib import Path
 
 import kvsqueeze
 from kvsqueeze.bench import TASKS
-from kvsqueeze.bench.report import markdown_table, mean_of, plot_results, ratio_summary, replace_block
+from kvsqueeze.bench.report import (
+    markdown_table,
+    mean_of,
+    paired_table,
+    plot_results,
+    ratio_summary,
+    replace_block,
+)
 from kvsqueeze.bench.runner import BenchConfig, MethodSpec, load_records, run_bench
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -254,6 +261,11 @@ def report(args: argparse.Namespace) -> None:
         "run records in `docs/bench/repeats`).",
         "",
         markdown_table(repeated, "query_agnostic") if repeated else "_not run yet_",
+        "",
+        "Sample by sample against the full cache, on the same samples: a difference within about twice "
+        "its standard error is not resolved at this sample count.",
+        "",
+        paired_table(repeated) if repeated else "_not run yet_",
     ]
     for setting in SETTINGS:
         lines += ["", f"### {setting}, every task", "", markdown_table(records, setting)]

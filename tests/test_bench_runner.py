@@ -9,7 +9,7 @@ import torch
 
 from kvsqueeze.bench import Sample
 from kvsqueeze.bench.prompts import encode_sample
-from kvsqueeze.bench.report import markdown_table, plot_results, ratio_summary, replace_block
+from kvsqueeze.bench.report import markdown_table, paired_table, plot_results, ratio_summary, replace_block
 from kvsqueeze.bench.runner import BenchConfig, MethodSpec, fidelity, run_bench
 from kvsqueeze.models.tiny import tiny_model
 
@@ -189,3 +189,21 @@ def test_kvpress_rows_read_the_teacher_from_the_full_run_record(tmp_path):
     path.write_text(json.dumps({"samples": [{"sample_id": "s0", "teacher_ids": [5, 6]}]}))
     assert _teacher_ids(tmp_path, "query_agnostic", "niah_single_word", 4096) == {"s0": [5, 6]}
     assert _teacher_ids(tmp_path, "query_aware", "niah_single_word", 4096) == {}
+
+
+def test_paired_table_compares_rows_on_the_samples_both_ran():
+    def record(method: str, task: str, scores: list[float]) -> dict:
+        samples = [{"sample_id": f"{task}-{i}", "score": v, "kl": 0.5} for i, v in enumerate(scores)]
+        return {"method": method, "task": task, "samples": samples}
+
+    records = [
+        record("full", "a", [1.0, 1.0, 0.0]),
+        record("full", "b", [1.0, 0.5]),
+        record("quant", "a", [1.0, 0.0, 1.0]),  # -100 and +100 points
+        record("quant", "b", [0.5]),  # -50; its second sample never ran
+    ]
+    lines = paired_table(records).splitlines()
+    assert lines[0].startswith("| row | samples | score − full (points) | standard error |")
+    # differences 0, -100, +100, -50: mean -12.5, sample standard deviation 85.4, over sqrt(4)
+    assert lines[2] == "| `quant` | 4 | -12.5 | 42.7 | 2 | 1 | 0.500 |"
+    assert paired_table(records[2:]) == "_no full records to pair with_"

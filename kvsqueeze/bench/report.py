@@ -73,6 +73,46 @@ def markdown_table(records: list[dict], setting: str) -> str:
     return "\n".join(lines)
 
 
+def paired_table(records: list[dict], baseline: str = "full") -> str:
+    """Each row against ``baseline`` sample by sample: on the samples both ran, the mean score difference
+    in points with its standard error (the spread of the per-sample differences over the square root of
+    their number), how many samples scored lower and higher, and the row's mean KL.
+
+    Both rows answer the same samples, so the noise a task's sampling adds to each average cancels in
+    the difference; what is left says how far apart two rows can be before the sample count tells them
+    apart.
+    """
+    samples: dict[str, dict[str, dict]] = defaultdict(dict)  # method -> sample id -> sample
+    for record in records:
+        for sample in record["samples"]:
+            samples[record["method"]][sample["sample_id"]] = sample
+    if baseline not in samples:
+        return f"_no {baseline} records to pair with_"
+    lines = [
+        "| row | samples | score − " + baseline + " (points) | standard error | lower | higher | KL |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    reference = samples[baseline]
+    for method in sorted(m for m in samples if m != baseline):
+        shared = sorted(set(samples[method]) & set(reference))
+        diffs = [100 * (samples[method][i]["score"] - reference[i]["score"]) for i in shared]
+        if not diffs:
+            continue
+        mean = sum(diffs) / len(diffs)
+        spread = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)) ** 0.5 if len(diffs) > 1 else 0.0
+        cells = [
+            f"`{method}`",
+            str(len(diffs)),
+            f"{mean:+.1f}",
+            f"{spread / len(diffs) ** 0.5:.1f}",
+            str(sum(d < 0 for d in diffs)),
+            str(sum(d > 0 for d in diffs)),
+            _num(mean_of(samples[method][i]["kl"] for i in shared), 3),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def ratio_summary(
     records: list[dict], setting: str, methods: list[str], budgets: list[float], rival_setting: str
 ) -> str:
