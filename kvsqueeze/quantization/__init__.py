@@ -1,7 +1,7 @@
 """Low-bit KV quantization primitives for ZipCache and KIVI (spec B §0, §1, §4.2).
 
 Plain PyTorch on ``(*, T, D)`` blocks (leading dims, tokens, head channels), no transformers import
-(except :func:`key_rotations` for scaled RoPE types):
+(except :func:`key_rotations` for RoPE types other than default):
 
 * :func:`quantize`: asymmetric 2/4/8-bit quantization, per channel (keys) or per token (values);
 * :func:`cst_quantize`: ZipCache's channel-separable token-wise quantization of values;

@@ -4,7 +4,7 @@ Hugging Face caches keys after RoPE. A key channel often carries a large, nearly
 ``k_proj`` bias, for one); RoPE turns each channel pair ``(j, j + R/2)`` by ``position * inv_freq[j]``, so
 over thousands of tokens that offset sweeps both channels of a fast pair through ``[-|offset|, |offset|]``
 and a per-channel range (KIVI's, ZipCache's) is far wider than the content it has to resolve. Before RoPE
-the offset stays put and the range covers the content alone (KVQuant, Hooper et al. 2024, §3.2).
+the offset stays put and the range covers the content alone (KVQuant, Hooper et al. 2024).
 
 :class:`KeyRotation` is RoPE's rotation as an invertible map of ``(N, D)`` rows given their positions.
 The cache stores ``rotate(keys, positions, inverse=True)`` quantized and rotates the dequantized rows
@@ -13,7 +13,7 @@ forward again for attention. The two directions are exact inverses for any frequ
 pairs) costs accuracy, never correctness. Scaled RoPE variants (YaRN's ``attention_scaling``) multiply
 both channels of a pair by one factor, which rotating back and forth without it leaves in place.
 
-Plain PyTorch: no transformers import (:func:`key_rotations` imports it for scaled RoPE types only).
+Plain PyTorch: no transformers import (:func:`key_rotations` imports it for RoPE types other than default).
 """
 
 from __future__ import annotations
