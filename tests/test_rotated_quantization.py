@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transformers.models.llama.modeling_llama import rotate_half
 
 from kvsqueeze import SqueezeCache
 from kvsqueeze.cache import PackedRows
@@ -22,15 +23,6 @@ from kvsqueeze.quantization.rope import KeyRotation, key_rotations
 
 D = 16
 PRE_ROPE = KVQuantScheme("zip-pre", 4, low_bits=2, low_ratio=0.4, value_cst=True, key_pre_rope=True)
-
-
-def rotation(head_dim: int = D, rotary_dim: int = D, theta: float = 10_000.0) -> KeyRotation:
-    return KeyRotation(1.0 / theta ** (torch.arange(0, rotary_dim, 2) / rotary_dim), head_dim)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat([-second, first], dim=-1)
 
 
 @settings(max_examples=40, deadline=None)
@@ -45,7 +37,7 @@ def test_rotation_inverts_and_keeps_norms(n, rotary_dim, start, seed):
     gen = torch.Generator().manual_seed(seed)
     rows = torch.randn(n, D, generator=gen) * 10
     positions = torch.randint(start, start + 5000, (n,), generator=gen)
-    rot = rotation(rotary_dim=rotary_dim)
+    rot = KeyRotation.from_theta(10_000.0, D, rotary_dim)
     turned = rot.rotate(rows, positions, inverse=True)
     torch.testing.assert_close(rot.rotate(turned, positions), rows, atol=1e-4, rtol=1e-5)
     half = rotary_dim // 2
@@ -94,7 +86,7 @@ def test_pre_rope_tiers_bound_the_unrotated_keys():
     gen = torch.Generator().manual_seed(0)
     n = 300
     positions = torch.arange(n)
-    rot = rotation()
+    rot = KeyRotation.from_theta(10_000.0, D)
     pre = torch.randn(n, D, generator=gen) + torch.linspace(-20, 20, D)  # steady per-channel offsets
     keys = rot.rotate(pre, positions)  # (N, D) as the cache receives them
     values, saliency = torch.randn(1, n, D, generator=gen), torch.rand(1, n, generator=gen)

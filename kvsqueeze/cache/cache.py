@@ -75,7 +75,7 @@ class SqueezeCache(Cache):
             if quantize.scheme.key_pre_rope:
                 rotations = key_rotations(text)
         self._model_config = config
-        layer_types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+        layer_types = getattr(text, "layer_types", None) or ["full_attention"] * n
         layers = [
             SqueezeLayer(
                 self.method.components(),  # one set per layer: scorers and actions may keep layer state

@@ -227,9 +227,8 @@ def bytes_per_token(scheme: KVQuantScheme, tokens: int = 4096, head_dim: int = 6
     keys, values = torch.randn(2, 1, tokens, head_dim, generator=gen, dtype=torch.float16)  # (1, T, D) each
     rows = PackedRows(1)
     rows.append({"keys": keys, "values": values, "positions": torch.arange(tokens, dtype=torch.int32)[None]})
-    rotation = None
-    if scheme.key_pre_rope:  # a rotation costs no bytes; any frequencies measure the same
-        rotation = KeyRotation(1.0 / 10000 ** (torch.arange(0, head_dim, 2) / head_dim), head_dim)
+    # a rotation costs no bytes; any frequencies measure the same
+    rotation = KeyRotation.from_theta(10_000.0, head_dim) if scheme.key_pre_rope else None
     tiered = TieredRows(rows, scheme, torch.float16, rotation)
     tiered.quantize(rows.valid_mask(), torch.rand(1, tokens, generator=gen))
     return tiered.nbytes(("keys", "values")) / tokens

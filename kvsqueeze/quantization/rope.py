@@ -38,6 +38,12 @@ class KeyRotation:
         self.inv_freq = inv_freq.detach().float().cpu()  # (R / 2,)
         self.head_dim = head_dim
 
+    @classmethod
+    def from_theta(cls, theta: float, head_dim: int, rotary_dim: int | None = None) -> KeyRotation:
+        """Plain RoPE of base ``theta`` over the first ``rotary_dim`` channels (default: all of them)."""
+        dim = head_dim if rotary_dim is None else rotary_dim
+        return cls(1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim), head_dim)
+
     @property
     def rotary_dim(self) -> int:
         return 2 * self.inv_freq.numel()
@@ -75,12 +81,11 @@ def key_rotations(config: Any) -> list[KeyRotation]:
             if theta is None:
                 raise ValueError(f"key_pre_rope needs a RoPE model; {config.model_type!r} has no rope_theta")
             factor = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
-            dim = int(head_dim * factor)
-            inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+            by_type[layer_type] = KeyRotation.from_theta(theta, head_dim, int(head_dim * factor))
         else:
             from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
             layer_arg = {"layer_type": layer_type} if layer_type in parameters else {}
             inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, None, **layer_arg)
-        by_type[layer_type] = KeyRotation(inv_freq, head_dim)
+            by_type[layer_type] = KeyRotation(inv_freq, head_dim)
     return [by_type[layer_type] for layer_type in layer_types]
