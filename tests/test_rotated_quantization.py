@@ -25,6 +25,27 @@ D = 16
 PRE_ROPE = KVQuantScheme("zip-pre", 4, low_bits=2, low_ratio=0.4, value_cst=True, key_pre_rope=True)
 
 
+def quantized_block(
+    keys: torch.Tensor,  # (N, D) after RoPE, at positions 0..N-1
+    values: torch.Tensor,  # (N, D)
+    scheme: KVQuantScheme,
+    saliency: torch.Tensor,  # (N,)
+    key_rotation: KeyRotation | None = None,
+) -> TieredRows:
+    """One segment of rows, all quantized at once."""
+    rows = PackedRows(1)
+    rows.append({"keys": keys[None], "values": values[None], "positions": torch.arange(len(keys))[None]})
+    tiered = TieredRows(rows, scheme, torch.float32, key_rotation)
+    tiered.quantize(rows.valid_mask(), saliency[None])
+    return tiered
+
+
+def assert_within_half_step(tier, name: str, truth: torch.Tensor, rows=slice(None), rel=1e-4, atol=1e-5):
+    """Every dequantized element of ``tier``'s ``rows`` is within half its step of ``truth`` (same rows)."""
+    err = (tier.dequantize(name)[rows] - truth).abs()
+    assert bool((err <= tier.element_steps(name)[rows] / 2 * (1 + rel) + atol).all())
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     n=st.integers(1, 40),
@@ -89,20 +110,10 @@ def test_pre_rope_tiers_bound_the_unrotated_keys():
     rot = KeyRotation.from_theta(10_000.0, D)
     pre = torch.randn(n, D, generator=gen) + torch.linspace(-20, 20, D)  # steady per-channel offsets
     keys = rot.rotate(pre, positions)  # (N, D) as the cache receives them
-    values, saliency = torch.randn(1, n, D, generator=gen), torch.rand(1, n, generator=gen)
-
-    def quantized(scheme: KVQuantScheme, key_rotation: KeyRotation | None) -> TieredRows:
-        rows = PackedRows(1)
-        rows.append({"keys": keys[None], "values": values, "positions": positions[None]})
-        tiered = TieredRows(rows, scheme, torch.float32, key_rotation)
-        tiered.quantize(rows.valid_mask(), saliency)
-        return tiered
-
-    tiered = quantized(PRE_ROPE, rot)
+    values, saliency = torch.randn(n, D, generator=gen), torch.rand(n, generator=gen)
+    tiered = quantized_block(keys, values, PRE_ROPE, saliency, rot)
     for tier in tiered.tiers:
-        order = tier.rows.fields["positions"].long()
-        err = (tier.dequantize("keys") - pre[order]).abs()
-        assert bool((err <= tier.element_steps("keys") / 2 * (1 + 1e-4) + 1e-5).all())
+        assert_within_half_step(tier, "keys", pre[tier.rows.fields["positions"].long()])
     seen = tiered.padded("keys")[0]  # (N, D) temporal order, after RoPE
     half = D // 2
     pair_err = lambda a, b: (a - b)[:, :half].square() + (a - b)[:, half:].square()  # noqa: E731
@@ -110,7 +121,8 @@ def test_pre_rope_tiers_bound_the_unrotated_keys():
     torch.testing.assert_close(pair_err(seen, keys), pair_err(unrotated, pre), atol=1e-3, rtol=1e-4)
 
     # the same keys quantized after RoPE: the offsets sweep every fast pair, so the error is far larger
-    post = quantized(dataclasses.replace(PRE_ROPE, key_pre_rope=False), None).padded("keys")[0]
+    post = quantized_block(keys, values, dataclasses.replace(PRE_ROPE, key_pre_rope=False), saliency)
+    post = post.padded("keys")[0]
     assert float((post - keys).square().mean()) > 4 * float((seen - keys).square().mean())
 
 
@@ -144,22 +156,13 @@ def test_hadamard_values_bound_the_turned_rows_and_spread_an_outlier_channel():
     n = 200
     values = torch.randn(n, D, generator=gen)
     values[:, 3] *= 30  # an outlier channel sets every token's range
-    keys, positions = torch.randn(n, D, generator=gen), torch.arange(n)
+    keys, saliency = torch.randn(n, D, generator=gen), torch.rand(n, generator=gen)
     scheme = KVQuantScheme("v2", 4, low_bits=2, key_low_ratio=0.0, value_low_ratio=1.0, value_hadamard=True)
-
-    def quantized(scheme: KVQuantScheme) -> TieredRows:
-        rows = PackedRows(1)
-        rows.append({"keys": keys[None], "values": values[None], "positions": positions[None]})
-        tiered = TieredRows(rows, scheme, torch.float32)
-        tiered.quantize(rows.valid_mask(), torch.rand(1, n, generator=gen))
-        return tiered
-
-    turned = quantized(scheme)
+    turned = quantized_block(keys, values, scheme, saliency)
     (tier,) = [t for t in turned.tiers if t.rows.num_rows]
-    order = tier.rows.fields["positions"].long()
-    err = (tier.dequantize("values") - rotate_values(values)[order]).abs()
-    assert bool((err <= tier.element_steps("values") / 2 * (1 + 1e-4) + 1e-5).all())
-    plain = quantized(dataclasses.replace(scheme, value_hadamard=False)).padded("values")[0]
+    assert_within_half_step(tier, "values", rotate_values(values)[tier.rows.fields["positions"].long()])
+    plain = quantized_block(keys, values, dataclasses.replace(scheme, value_hadamard=False), saliency)
+    plain = plain.padded("values")[0]
     seen = turned.padded("values")[0]
     assert float((seen - values).square().mean()) < 0.8 * float((plain - values).square().mean())
 
@@ -206,7 +209,6 @@ def test_rotated_cache_generates_close_to_the_full_cache(arch, method, params):
             if params.get("value_hadamard"):
                 turned["values"] = rotate_values(turned["values"])
             for name, rows in turned.items():
-                err = (tier.dequantize(name) - rows).abs()[compare]
-                assert bool((err <= tier.element_steps(name)[compare] / 2 * (1 + 1e-3) + 1e-4).all())
+                assert_within_half_step(tier, name, rows[compare], compare, rel=1e-3, atol=1e-4)
             checked += int(compare.sum())
     assert checked > 0

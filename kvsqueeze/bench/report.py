@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -98,12 +99,11 @@ def paired_table(records: list[dict], baseline: str = "full") -> str:
         diffs = [100 * (samples[method][i]["score"] - reference[i]["score"]) for i in shared]
         if not diffs:
             continue
-        mean = sum(diffs) / len(diffs)
-        spread = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)) ** 0.5 if len(diffs) > 1 else 0.0
+        spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
         cells = [
             f"`{method}`",
             str(len(diffs)),
-            f"{mean:+.1f}",
+            f"{mean_of(diffs):+.1f}",
             f"{spread / len(diffs) ** 0.5:.1f}",
             str(sum(d < 0 for d in diffs)),
             str(sum(d > 0 for d in diffs)),
