@@ -84,6 +84,10 @@ REPEATED = (
     ("zipcache", {**REFERENCE, "low_bits": 4}),
     ("zipcache", ROTATED),
 )
+# ZipCache's own setting: its papers' prompts end with the question, so the probe queries (the last 5% of
+# the prompt) include it and the saliency can find the tokens the answer needs. Query-agnostic, the question
+# comes after quantization and the probes see only the haystack's tail.
+REPEATED_QUERY_AWARE = (("zipcache", {}),)
 RIVAL_NOTE = (
     "kvpress's best press is the one with the best average at that ratio, run query-agnostic; "
     "KVzip and AdaKV mask rather than drop rows, so their bytes stay near the full cache's."
@@ -110,11 +114,16 @@ def config(samples: int, setting: str) -> BenchConfig:
     )
 
 
-def repeat_config() -> BenchConfig:
-    """The REPEATED rows and the full cache at REPEAT_SAMPLES samples per task, query-agnostic."""
+def repeated_rows(setting: str) -> tuple[tuple[str, dict], ...]:
+    """The (name, params) rows run at REPEAT_SAMPLES samples per task in ``setting``."""
+    return REPEATED_QUERY_AWARE if setting == "query_aware" else REPEATED
+
+
+def repeat_config(setting: str = "query_agnostic") -> BenchConfig:
+    """The repeated rows of ``setting`` and the full cache at REPEAT_SAMPLES samples per task."""
     return dataclasses.replace(
-        config(REPEAT_SAMPLES, "query_agnostic"),
-        methods=[MethodSpec(name, params) for name, params in REPEATED],
+        config(REPEAT_SAMPLES, setting),
+        methods=[MethodSpec(name, params) for name, params in repeated_rows(setting)],
     )
 
 
@@ -181,6 +190,26 @@ def main() -> None:
         print(f"total wall time over all invocations: {total / 60:.0f} min", file=sys.stderr)
 
 
+def repeats_section(setting: str) -> list[str]:
+    """The repeated rows of ``setting`` beside the full cache, and each against it sample by sample."""
+    repeated = load_records(repeat_config(setting), OUT / "repeats")
+    labels = [f"`{MethodSpec(n, p).label}`" for n, p in repeated_rows(setting)]
+    rows = ", ".join(labels[:-1]) + f" and {labels[-1]}" if len(labels) > 1 else labels[0]
+    return [
+        f"### ZipCache at {REPEAT_SAMPLES} samples per task, {setting}",
+        "",
+        f"The full cache and {rows} on samples 0 to {REPEAT_SAMPLES - 1} of every task (sample 0 is the "
+        "grid's; run records in `docs/bench/repeats`).",
+        "",
+        markdown_table(repeated, setting) if repeated else "_not run yet_",
+        "",
+        "Sample by sample against the full cache, on the same samples: a difference within about twice "
+        "its standard error is not resolved at this sample count.",
+        "",
+        paired_table(repeated) if repeated else "_not run yet_",
+    ]
+
+
 def report(args: argparse.Namespace) -> None:
     """Run the stages asked for, then print (and with --write, publish) the tables."""
     stages = [stage for stage in args.stages.split(",") if stage]  # --stages '' only writes the report
@@ -192,8 +221,9 @@ def report(args: argparse.Namespace) -> None:
     for setting in (s for s in SETTINGS if s in stages):
         run_bench(model, tokenizer, dataclasses.replace(bench[setting], tasks=tasks), OUT, model_name=MODEL)
     if "repeats" in stages:
-        repeats = dataclasses.replace(repeat_config(), tasks=tasks)
-        run_bench(model, tokenizer, repeats, OUT / "repeats", model_name=MODEL)
+        for setting in SETTINGS:
+            repeats = dataclasses.replace(repeat_config(setting), tasks=tasks)
+            run_bench(model, tokenizer, repeats, OUT / "repeats", model_name=MODEL)
     if "kvpress" in stages:
         from kvsqueeze.bench.baseline import run_kvpress_baseline
 
@@ -250,23 +280,8 @@ def report(args: argparse.Namespace) -> None:
             "",
             markdown_table(same, "query_agnostic"),
         ]
-    repeated = load_records(repeat_config(), OUT / "repeats")
-    labels = [f"`{MethodSpec(n, p).label}`" for n, p in REPEATED]
-    lines += [
-        "",
-        f"### ZipCache at {REPEAT_SAMPLES} samples per task, query_agnostic",
-        "",
-        ", ".join(["The full cache", *labels[:-1]])
-        + f" and {labels[-1]} on samples 0 to {REPEAT_SAMPLES - 1} of every task (sample 0 is the grid's; "
-        "run records in `docs/bench/repeats`).",
-        "",
-        markdown_table(repeated, "query_agnostic") if repeated else "_not run yet_",
-        "",
-        "Sample by sample against the full cache, on the same samples: a difference within about twice "
-        "its standard error is not resolved at this sample count.",
-        "",
-        paired_table(repeated) if repeated else "_not run yet_",
-    ]
+    for setting in SETTINGS:
+        lines += ["", *repeats_section(setting)]
     for setting in SETTINGS:
         lines += ["", f"### {setting}, every task", "", markdown_table(records, setting)]
         lines += ["", *[f"![{p.stem}](bench/plots/{p.name})" for p in plots if p.stem.endswith(setting)]]
