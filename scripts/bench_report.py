@@ -88,6 +88,10 @@ REPEATED = (
 # the prompt) include it and the saliency can find the tokens the answer needs. Query-agnostic, the question
 # comes after quantization and the probes see only the haystack's tail.
 REPEATED_QUERY_AWARE = (("zipcache", {}),)
+SETTING_NOTE = {
+    "query_aware": " This is the setting of ZipCache's papers: the question ends the prompt, so the probe "
+    "queries (the last 5% of it) include the question."
+}
 RIVAL_NOTE = (
     "kvpress's best press is the one with the best average at that ratio, run query-agnostic; "
     "KVzip and AdaKV mask rather than drop rows, so their bytes stay near the full cache's."
@@ -194,12 +198,13 @@ def repeats_section(setting: str) -> list[str]:
     """The repeated rows of ``setting`` beside the full cache, and each against it sample by sample."""
     repeated = load_records(repeat_config(setting), OUT / "repeats")
     labels = [f"`{MethodSpec(n, p).label}`" for n, p in repeated_rows(setting)]
-    rows = ", ".join(labels[:-1]) + f" and {labels[-1]}" if len(labels) > 1 else labels[0]
+    rows = ", ".join(["The full cache", *labels[:-1]]) + f" and {labels[-1]}"
+    why = SETTING_NOTE.get(setting, "")
     return [
         f"### ZipCache at {REPEAT_SAMPLES} samples per task, {setting}",
         "",
-        f"The full cache and {rows} on samples 0 to {REPEAT_SAMPLES - 1} of every task (sample 0 is the "
-        "grid's; run records in `docs/bench/repeats`).",
+        f"{rows} on samples 0 to {REPEAT_SAMPLES - 1} of every task (sample 0 is the grid's; run records in "
+        f"`docs/bench/repeats`).{why}",
         "",
         markdown_table(repeated, setting) if repeated else "_not run yet_",
         "",
