@@ -21,7 +21,9 @@ over a 1600-token low set is wide, and 4 levels across it lose the needle; count
 need every token's key, so no saliency split of the keys protects them. The 4k benchmark
 (``scripts/bench_report.py``, docs/RESULTS.md) runs the default beside the demo split, and at 3 samples per
 task beside ZipCache at 4 bits throughout: that control loses as much to the full cache as the default, so
-what is left comes from the 4-bit per-channel keys, not from the 2-bit values.
+what is left comes from the 4-bit per-channel keys, not from the 2-bit values. It also runs the default
+query-aware, the papers' setting, where the probes see the question: 5 points under the full cache there
+(7 query-agnostic), the misses being copied digit strings (a UUID, a 7-digit number) and word counts.
 
 ``low_key_group`` (default 128) gives the low set's keys a per-channel (min, step) pair per 128 of its
 tokens instead of one over the whole set, as KIVI groups keys; it matters only when keys are split.
