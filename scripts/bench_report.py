@@ -84,12 +84,10 @@ REPEATED = (
     ("zipcache", {**REFERENCE, "low_bits": 4}),
     ("zipcache", ROTATED),
 )
-# ZipCache's own setting: its papers' prompts end with the question, so the probe queries (the last 5% of
-# the prompt) include it and the saliency can find the tokens the answer needs. Query-agnostic, the question
-# comes after quantization and the probes see only the haystack's tail.
-# Beside it, the same bytes spent the other way (0.219x fp16): keys before RoPE with a per-channel pair per
-# 128 tokens, as KIVI groups keys, paid for by storing the values of the least salient 87.5% at 2 bits.
+# The default's bytes spent the other way (0.219x fp16): keys before RoPE with a per-channel pair per 128
+# tokens, as KIVI groups keys, paid for by storing the values of the least salient 87.5% at 2 bits.
 GROUPED_KEYS = {"key_group": 128, "key_pre_rope": True, "value_low_ratio": 0.875}
+# The repeated rows query-aware too (ZipCache's setting, SETTING_NOTE says why): the default and GROUPED_KEYS.
 REPEATED_QUERY_AWARE = (("zipcache", {}), ("zipcache", GROUPED_KEYS))
 SETTING_NOTE = {
     "query_aware": " This is the setting of ZipCache's papers: the question ends the prompt, so the probe "
