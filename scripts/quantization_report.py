@@ -55,6 +55,7 @@ from kvsqueeze.quantization import (
     bytes_per_token,
     fp16_bytes_per_token,
 )
+from kvsqueeze.text_config import head_dim_of
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "qwen2.5-coder-0.5b"
@@ -123,7 +124,7 @@ def caches(model):
 @torch.inference_mode()
 def measure(model, ids: torch.Tensor) -> list[dict]:
     text = model.config.get_text_config(decoder=True)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    head_dim = head_dim_of(text)
     slots = text.num_hidden_layers * text.num_key_value_heads * ids.shape[1]  # (layer, head, token) rows
     rows, teacher, reference = [], None, None
     for label, make, nbytes in caches(model):
@@ -272,7 +273,7 @@ def main() -> None:
     sample = generate_samples(TASK, tokenizer, length=args.length, num_samples=1, seed=0)[0]
     ids = encode_sample(tokenizer, sample).compressed_ids
     text = model.config.get_text_config(decoder=True)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    head_dim = head_dim_of(text)
     body = render(measure(model, ids), ids.shape[1], head_dim)
     scores = bench_task_scores(args.length)
     if importlib.util.find_spec("optimum.quanto") is not None:

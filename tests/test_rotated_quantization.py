@@ -20,6 +20,7 @@ from kvsqueeze.models.tiny import SUPPORTED_ARCHITECTURES, tiny_config, tiny_mod
 from kvsqueeze.quantization.budget import KVQuantScheme, bytes_per_token, quantize_kv
 from kvsqueeze.quantization.hadamard import hadamard, rotate_values
 from kvsqueeze.quantization.rope import KeyRotation, key_rotations
+from kvsqueeze.text_config import layer_types_of
 
 D = 16
 PRE_ROPE = KVQuantScheme("zip-pre", 4, low_bits=2, low_ratio=0.4, value_cst=True, key_pre_rope=True)
@@ -74,7 +75,7 @@ def test_rotation_matches_the_models_rope(arch):
     model = tiny_model(arch, num_hidden_layers=2)
     rotary = model.model.rotary_emb
     text = model.config.get_text_config(decoder=True)
-    layer_types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+    layer_types = layer_types_of(text)
     x = torch.randn(30, text.head_dim)
     positions = torch.arange(1000, 1030)
     for layer_type, rot in zip(layer_types, key_rotations(text), strict=True):

@@ -22,6 +22,7 @@ from kvsqueeze.cache.group import LayerGroup
 from kvsqueeze.cache.layer import SqueezeLayer
 from kvsqueeze.methods import Method, get_method
 from kvsqueeze.quantization.rope import KeyRotation, key_rotations
+from kvsqueeze.text_config import head_dim_of, layer_types_of
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "mistral", "gemma3_text")
 """Model types (``config.model_type``) whose attention the cache and the attention hook support."""
@@ -69,13 +70,11 @@ class SqueezeCache(Cache):
         n = text.num_hidden_layers
         rotations: list[KeyRotation | None] = [None] * n
         if quantize is not None:
-            quantize.scheme.check_head_dim(
-                getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-            )
+            quantize.scheme.check_head_dim(head_dim_of(text))
             if quantize.scheme.key_pre_rope:
                 rotations = key_rotations(text)
         self._model_config = config
-        layer_types = getattr(text, "layer_types", None) or ["full_attention"] * n
+        layer_types = layer_types_of(text)
         layers = [
             SqueezeLayer(
                 self.method.components(),  # one set per layer: scorers and actions may keep layer state

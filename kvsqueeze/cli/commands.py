@@ -84,11 +84,11 @@ def run_models(args: argparse.Namespace) -> int:
 def run_info(args: argparse.Namespace) -> int:
     from kvsqueeze.generation import format_bytes
     from kvsqueeze.models import DEFAULT_MODEL
+    from kvsqueeze.text_config import head_dim_of, layer_types_of
 
     model, _ = _load(args)
     cfg = model.config.get_text_config(decoder=True)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+    head_dim, layer_types = head_dim_of(cfg), layer_types_of(cfg)
     sliding = sum(t == "sliding_attention" for t in layer_types)
     per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * model.dtype.itemsize
     rows = [

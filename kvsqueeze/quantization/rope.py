@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from kvsqueeze.text_config import head_dim_of, layer_types_of
+
 
 class KeyRotation:
     """RoPE's rotation (rotate-half pairing) of the first ``2 * len(inv_freq)`` channels of a head.
@@ -69,9 +71,9 @@ def key_rotations(config: Any) -> list[KeyRotation]:
     """One :class:`KeyRotation` per layer of a decoder ``config`` (transformers' ``rope_parameters``; a
     model with a RoPE per layer type, as Gemma 3, gets each layer its own). A one-line ``ValueError`` for a
     config without RoPE."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = head_dim_of(config)
     parameters = getattr(config, "rope_parameters", None) or {}
-    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    layer_types = layer_types_of(config)
     by_type: dict[str, KeyRotation] = {}
     for layer_type in dict.fromkeys(layer_types):
         params = parameters.get(layer_type, parameters)  # per layer type (Gemma 3) or one for all
