@@ -4,8 +4,8 @@
     .venv/bin/python scripts/bench_report.py --write    # and replace the bench block in docs/RESULTS.md
 
 Every kvsqueeze method at keep ratios 0.1, 0.25 and 0.5 on every generated task, in both settings, plus
-kvpress's presses on the same samples (query-agnostic), and ZipCache (its default, 4 bits throughout, and
-in rotated frames) beside the full cache at REPEAT_SAMPLES samples per task. Run records go to
+kvpress's presses on the same samples (query-agnostic), and ZipCache (its default, 4 bits throughout, in
+rotated frames, and with GROUPED_KEYS) beside the full cache at REPEAT_SAMPLES samples per task. Run records go to
 docs/bench/runs, docs/bench/kvpress and docs/bench/repeats; an interrupted run resumes from them, and the
 wall time of every invocation is added up in docs/bench/wall_seconds.json. The plots are written to
 docs/bench/plots.
