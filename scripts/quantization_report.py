@@ -14,9 +14,8 @@ One run, one process, one prompt (the benchmark's 4k ``qa_generated`` sample, se
 
 3. Task scores at 4k: transformers' ``QuantizedCache`` answers every benchmark task (the benchmark's own
    samples, query-agnostic prompts, answer lengths and scoring), beside the ZipCache and KIVI rows of the
-   benchmark's run records (``scripts/bench_report.py``, ``docs/bench/runs``), and the benchmark's
-   ZipCache rows (default, 4 bits throughout, rotated frames) beside the full cache at more samples per task
-   (``docs/bench/repeats``).
+   benchmark's run records (``scripts/bench_report.py``, ``docs/bench/runs``), and the benchmark's repeated
+   rows (``REPEATED`` there) beside the full cache at more samples per task (``docs/bench/repeats``).
 
 transformers' own ``QuantizedCache`` (quanto backend) is measured beside ours when ``optimum-quanto`` is
 installed (``pip install optimum-quanto==0.2.7``; its first use compiles a C++ extension, minutes here).
