@@ -7,8 +7,12 @@ import dataclasses
 import sys
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvsqueeze.cli.demo_text import DEMO_QUESTION, demo_document
+
+if TYPE_CHECKING:
+    from kvsqueeze.methods import Method
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -30,15 +34,23 @@ def _load(args: argparse.Namespace):
     return load_model(args.model or DEFAULT_MODEL)
 
 
+def _method(args: argparse.Namespace) -> Method:
+    """The method of ``--method`` with its ``-p NAME=VALUE`` parameters, each read as its field's type."""
+    from kvsqueeze.cli.params import coerce_params
+    from kvsqueeze.methods import get_method
+
+    return get_method(args.method, **coerce_params(args.method, dict(args.param)))
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from kvsqueeze.cache import Budget
     from kvsqueeze.generation import generate
-    from kvsqueeze.methods import get_method, with_profile
+    from kvsqueeze.methods import with_profile
 
     prompt = _read_prompt(args)
     if not prompt.strip():
         raise ValueError("the prompt is empty")
-    method = get_method(args.method, **dict(args.param))  # validate before the model loads
+    method = _method(args)  # validate before the model loads
     if args.profile:
         method = with_profile(method, args.profile)
     budget = Budget.parse(args.budget)
@@ -118,9 +130,8 @@ def run_info(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     from kvsqueeze.cache import Budget
     from kvsqueeze.generation import format_bytes, generate
-    from kvsqueeze.methods import get_method
 
-    method = get_method(args.method, **dict(args.param))
+    method = _method(args)
     budget = Budget.parse(args.budget)
     print("kvsqueeze demo: one long prompt, answered with the full KV cache and with compressed ones.")
     model, tokenizer = _load(args)
@@ -152,7 +163,7 @@ def _split(text: str) -> list[str]:
 def _method_specs(text: str, profile: str | None = None):
     """``snapkv,h2o:recent_share=0.3,pyramidkv:window=16`` -> MethodSpecs; ``all``: every method."""
     from kvsqueeze.bench.runner import MethodSpec
-    from kvsqueeze.cli.main import _param
+    from kvsqueeze.cli.params import coerce_params, parse_assignment
     from kvsqueeze.methods import METHODS
 
     if text.strip() == "all":
@@ -160,7 +171,8 @@ def _method_specs(text: str, profile: str | None = None):
     specs = []
     for item in _split(text):
         name, *params = item.split(":")
-        specs.append(MethodSpec(name.strip(), dict(_param(p) for p in params), profile=profile))
+        raw = dict(parse_assignment(p) for p in params)
+        specs.append(MethodSpec(name.strip(), coerce_params(name, raw), profile=profile))
     return specs
 
 
@@ -224,9 +236,9 @@ def run_profile(args: argparse.Namespace) -> int:
     from kvsqueeze.bench import generate_samples
     from kvsqueeze.bench.prompts import encode_sample
     from kvsqueeze.cache import Budget
-    from kvsqueeze.methods import compute_profile, get_method
+    from kvsqueeze.methods import compute_profile
 
-    method = get_method(args.method, **dict(args.param))
+    method = _method(args)
     budget = Budget.parse(args.budget)
     if budget.ratio is None:
         raise ValueError("profile --budget must be a ratio in (0, 1], e.g. 0.5")

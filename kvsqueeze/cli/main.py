@@ -7,23 +7,23 @@ stderr and exit with status 2; no stack trace.
 from __future__ import annotations
 
 import argparse
-import ast
 import sys
 from collections.abc import Sequence
 
 from kvsqueeze.cli import commands
+from kvsqueeze.cli.params import parse_assignment
 
 
-def _param(text: str) -> tuple[str, object]:
-    """Parse ``name=value`` (value read as a Python literal when it is one: 16, 0.5, True, 'avg')."""
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--param takes name=value, got {text!r}")
-    name, raw = text.split("=", 1)
+def _param(text: str) -> tuple[str, str]:
+    """Parse ``name=value`` into the name and the value's text.
+
+    The text is converted later, against the type the method's field declares
+    (:func:`kvsqueeze.cli.params.coerce_params`), once the method is known.
+    """
     try:
-        value: object = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        value = raw
-    return name.strip(), value
+        return parse_assignment(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
