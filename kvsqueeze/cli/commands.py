@@ -88,8 +88,11 @@ def run_methods(args: argparse.Namespace) -> int:
 def run_models(args: argparse.Namespace) -> int:
     from kvsqueeze.models import list_models
 
-    for line in list_models():
-        print(line)
+    rows = list_models()
+    width = max(len(row.alias) for row in rows)
+    for row in rows:
+        state = "installed" if row.installed else "not installed"
+        print(f"{row.alias:<{width}}  {state:<13}  {row.description}")
     return 0
 
 

