@@ -2,7 +2,9 @@
 
 Each line is an object with ``context`` (str), ``question`` (str) and ``answers`` (a string or a
 non-empty list of strings), and optionally ``answer_prefix`` (str), ``task`` (str, default "jsonl")
-and ``metric`` ("all" or "part", default "part"; see :mod:`kvsqueeze.bench.scoring`).
+and ``metric`` ("all" or "part", default "part"; see :mod:`kvsqueeze.bench.scoring`). The benchmark
+groups a file's samples by ``task`` (:func:`group_by_task`) and reports each task on its own; ``task``
+names a results folder, so it may not contain a slash.
 """
 
 from __future__ import annotations
@@ -36,11 +38,16 @@ def _parse(record: Any, source: str, line_number: int) -> Sample:
     for name in ("answer_prefix", "task"):
         if name in record and not isinstance(record[name], str):
             raise ValueError(f"field {name!r} must be a string")
+    task = record.get("task") or "jsonl"
+    if "/" in task or "\\" in task or task in (".", ".."):
+        raise ValueError(
+            f"field 'task' must work as a folder name (no '/' or '\\', not '.' or '..'), got {task!r}"
+        )
     metric = record.get("metric", "part")
     if metric not in METRICS:
         raise ValueError(f"field 'metric' must be one of {', '.join(METRICS)}")
     return Sample(
-        task=record.get("task") or "jsonl",
+        task=task,
         context=record["context"],
         question=record["question"],
         answers=answers,
@@ -78,3 +85,18 @@ def load_jsonl_dataset(path: str | Path) -> tuple[list[Sample], list[str]]:
         detail = f"; first error: {errors[0]}" if errors else " (the file is empty)"
         raise ValueError(f"no valid sample in {file}: {len(errors)} malformed line(s){detail}")
     return samples, errors
+
+
+def group_by_task(samples: list[Sample], limit: int | None = None) -> dict[str, list[Sample]]:
+    """The samples by their ``task``, tasks in order of first appearance, samples in file order.
+
+    ``limit`` keeps at most that many samples per task (``None``: all of them).
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"the number of samples per task must be at least 1, got {limit}")
+    groups: dict[str, list[Sample]] = {}
+    for sample in samples:
+        group = groups.setdefault(sample.task, [])
+        if limit is None or len(group) < limit:
+            group.append(sample)
+    return groups

@@ -195,8 +195,10 @@ def run_sample(
     max_new_tokens: int,
     fidelity_tokens: int,
     sample_id: str,
+    on_run: Callable[[], None] | None = None,
 ) -> dict[tuple[str, float], SampleOutcome]:
-    """Every (method, budget) of ``runs`` on one sample, from one shared prefill."""
+    """Every (method, budget) of ``runs`` on one sample, from one shared prefill; ``on_run`` is called
+    after each of them (a progress bar's tick)."""
     eos = stop_ids(model, tokenizer)
     source = SqueezeCache(model, "full", record_prefill=True)
     start = time.perf_counter()
@@ -238,6 +240,8 @@ def run_sample(
             peak_rss_bytes=peak_rss(),
             teacher_ids=teacher if spec.name == "full" else [],
         )
+        if on_run is not None:
+            on_run()
     return results
 
 
@@ -299,18 +303,37 @@ def run_bench(
     runs = iterate_runs(config)
     make_samples = samples_for or generated_samples(config, tokenizer)
     groups = [(s, t, n) for s in config.settings for t in config.tasks for n in config.lengths]
+    todo = {
+        group: [(spec, b) for spec, b in runs if not run_path(out, *group, spec.label, b).exists()]
+        for group in groups
+    }
+    # The samples of every (task, length) with runs to do, made before the first run (settings share
+    # them) so the progress bar knows its total: one tick per (method, budget) run of a sample.
+    pending = {(task, length) for (_, task, length), left in todo.items() if left}
+    sample_sets = {
+        (t, n): make_samples(t, n) for t in config.tasks for n in config.lengths if (t, n) in pending
+    }
+    finished = {group: _load_records(out, *group, runs) for group in groups if not todo[group]}
+    sizes = {
+        group: len(sample_sets[group[1:]])
+        if todo[group]
+        else max((r["num_samples"] for r in finished[group]), default=0)
+        for group in groups
+    }
     records: list[dict] = []
-    bar = tqdm(total=len(groups) * config.num_samples, disable=not progress, desc="bench", unit="sample")
-    for setting, task, length in groups:
-        todo = [
-            (spec, b) for spec, b in runs if not run_path(out, setting, task, length, spec.label, b).exists()
-        ]
-        if not todo:
-            bar.update(config.num_samples)
-            records.extend(_load_records(out, setting, task, length, runs))
+    bar = tqdm(total=sum(sizes.values()) * len(runs), disable=not progress, desc="bench", unit="run")
+    for group in groups:
+        setting, task, length = group
+        if not todo[group]:
+            bar.update(sizes[group] * len(runs))
+            records.extend(finished[group])
             continue
-        per_run: dict[tuple[str, float], list[SampleOutcome]] = {(spec.label, b): [] for spec, b in todo}
-        samples = make_samples(task, length)
+        per_run: dict[tuple[str, float], list[SampleOutcome]] = {
+            (spec.label, b): [] for spec, b in todo[group]
+        }
+        samples = sample_sets[(task, length)]
+        if len(todo[group]) < len(runs):  # runs of this group recorded earlier
+            bar.update(len(samples) * (len(runs) - len(todo[group])))
         for index, sample in enumerate(samples):
             encoded = encode_sample(tokenizer, sample, setting)
             outcomes = run_sample(
@@ -318,16 +341,15 @@ def run_bench(
                 tokenizer,
                 sample,
                 encoded,
-                todo,
+                todo[group],
                 answer_tokens(config, task),
                 config.fidelity_tokens,
                 f"{task}-{length}-{index}",
+                on_run=lambda: bar.update(1),
             )
             for key, value in outcomes.items():
                 per_run[key].append(value)
-            bar.update(1)
-        bar.update(max(0, config.num_samples - len(samples)))
-        for spec, budget in todo:
+        for spec, budget in todo[group]:
             record = _summarize(
                 per_run[(spec.label, budget)], setting, task, length, spec, budget, model_name, config
             )

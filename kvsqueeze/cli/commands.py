@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from kvsqueeze.cli.demo_text import DEMO_QUESTION, demo_document
 
 if TYPE_CHECKING:
+    from kvsqueeze.bench.tasks import Sample
     from kvsqueeze.methods import Method
 
 
@@ -179,8 +180,27 @@ def _method_specs(text: str, profile: str | None = None):
     return specs
 
 
+GENERATED_SAMPLES = 5
+"""Samples per task and length that ``bench`` generates when ``--samples`` is not given."""
+
+
+def _dataset_tasks(path: str, limit: int | None) -> dict[str, list[Sample]]:
+    """The samples of a ``--dataset`` file by task (at most ``limit`` per task), said on stderr."""
+    from kvsqueeze.bench.datasets import group_by_task, load_jsonl_dataset
+
+    samples, errors = load_jsonl_dataset(path)
+    for error in errors:
+        print(f"kvsqueeze: skipped {path}: {error}", file=sys.stderr)
+    by_task = group_by_task(samples, limit)
+    total = sum(len(group) for group in by_task.values())
+    counts = ", ".join(f"{task} ({len(group)})" for task, group in by_task.items())
+    cap = f" (--samples {limit} per task, of {len(samples)})" if total < len(samples) else ""
+    print(f"kvsqueeze: {path}: {total} samples{cap} in {len(by_task)} task(s): {counts}", file=sys.stderr)
+    return by_task
+
+
 def run_bench(args: argparse.Namespace) -> int:
-    from kvsqueeze.bench import TASKS, load_jsonl_dataset
+    from kvsqueeze.bench import TASKS
     from kvsqueeze.bench.report import markdown_table, plot_results
     from kvsqueeze.bench.runner import BenchConfig, run_bench
 
@@ -193,22 +213,24 @@ def run_bench(args: argparse.Namespace) -> int:
         raise ValueError(
             "--budgets takes ratios like 0.1,0.25 and --lengths token counts like 4096"
         ) from None
+    if args.samples is not None and args.samples < 1:
+        raise ValueError(f"--samples must be at least 1, got {args.samples}")
+    num_samples = GENERATED_SAMPLES if args.samples is None else args.samples
     samples_for = None
     if args.dataset:
-        samples, errors = load_jsonl_dataset(args.dataset)
-        for error in errors:
-            print(f"kvsqueeze: skipped {args.dataset}: {error}", file=sys.stderr)
-        tasks, lengths = ["dataset"], [0]
+        by_task = _dataset_tasks(args.dataset, args.samples)
+        tasks, lengths = list(by_task), [0]
+        num_samples = max(len(group) for group in by_task.values())
 
-        def samples_for(task: str, length: int):
-            return samples[: args.samples]
+        def samples_for(task: str, length: int) -> list[Sample]:
+            return by_task[task]
 
     config = BenchConfig(
         methods=_method_specs(args.methods, args.profile),
         budgets=budgets,
         tasks=tasks,
         lengths=lengths,
-        num_samples=args.samples,
+        num_samples=num_samples,
         seed=args.seed,
         haystack=args.haystack,
         settings=settings,

@@ -88,7 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--budgets", default="0.1,0.25,0.5", help="keep ratios, comma separated")
     bench.add_argument("--tasks", default="all", help="comma list of tasks, or 'all'")
     bench.add_argument("--lengths", default="4096", help="context lengths in tokens, comma separated")
-    bench.add_argument("--samples", type=int, default=5, help="samples per task and length")
+    bench.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help="samples per task and length (default: 5 generated; every line of a --dataset)",
+    )
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--haystack", default="pydocs", help="pydocs (natural text), repeat, or essay")
     bench.add_argument(
