@@ -135,7 +135,7 @@ def generate(
         raise ValueError("the prompt is empty")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    cache = SqueezeCache(model, method, budget, **method_params)
+    cache = SqueezeCache(model, method, budget, tokenizer=tokenizer, **method_params)
     inputs = encode_prompts(tokenizer, prompts, chat=chat).to(model.device)
     lengths = inputs["attention_mask"].sum(-1)
     check_prompt_length(model, inputs["input_ids"].shape[1], max_new_tokens)

@@ -60,6 +60,8 @@ def select_rows(
     counts = torch.minimum(counts, key_valid.sum(-1)).reshape(-1)  # (S,)
     ranked = scores.float().masked_fill(protected, float("inf")).masked_fill(~key_valid, float("-inf"))
     k = int(counts.max()) if counts.numel() else 0
-    top = ranked.reshape(b * h, t).topk(k, dim=-1).indices  # (S, K), best first
+    # best first; a stable sort breaks ties by storage order, so equal scores pick the same rows whatever
+    # the padding around them (a batch keeps what its sequences keep one by one)
+    top = ranked.reshape(b * h, t).sort(dim=-1, descending=True, stable=True).indices[:, :k]  # (S, K)
     chosen = torch.arange(k, device=top.device)[None, :] < counts[:, None]  # (S, K)
     return torch.zeros(b * h, t, dtype=torch.bool, device=top.device).scatter_(1, top, chosen)

@@ -20,6 +20,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from kvsqueeze.attention.binding import bound_layer
+from kvsqueeze.attention.hooks import install_hooks
 from kvsqueeze.attention.masks import attention_mask_for
 from kvsqueeze.attention.observation import Observation
 
@@ -102,8 +103,12 @@ def register_attention() -> None:
 
 
 def enable(model: PreTrainedModel) -> PreTrainedModel:
-    """Switch ``model`` to kvsqueeze attention (exact; plain SDPA for non-kvsqueeze caches) and return it."""
+    """Switch ``model`` to kvsqueeze attention (exact; plain SDPA for non-kvsqueeze caches) and return it.
+
+    Also installs the model's kvsqueeze hooks (:mod:`kvsqueeze.attention.hooks`), inert for other caches.
+    """
     register_attention()
     if getattr(model.config, "_attn_implementation", None) != ATTENTION_NAME:
         model.set_attn_implementation(ATTENTION_NAME)
+    install_hooks(model)
     return model

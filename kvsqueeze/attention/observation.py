@@ -36,6 +36,7 @@ class Observation:
     sliding_window: int | None = None
     is_prefill: bool = True
     all_keys_valid: bool = False  # a hint: no padding slot in `keys` (lets masks be skipped)
+    hidden_states: torch.Tensor | None = None  # (B, q, D_model) the attention's input, for learned scorers
     # column_sums per first query index; not copied by dataclasses.replace, so new rows mean new sums
     _column_sums: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 

@@ -200,7 +200,7 @@ def run_sample(
     """Every (method, budget) of ``runs`` on one sample, from one shared prefill; ``on_run`` is called
     after each of them (a progress bar's tick)."""
     eos = stop_ids(model, tokenizer)
-    source = SqueezeCache(model, "full", record_prefill=True)
+    source = SqueezeCache(model, "full", record_prefill=True, tokenizer=tokenizer)
     start = time.perf_counter()
     model(encoded.compressed_ids, cache=source, logits_to_keep=1)  # no (L, vocab) logits: unused
     prefill = time.perf_counter() - start

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import PreTrainedConfig, PreTrainedModel
+from transformers import PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
 
 from kvsqueeze.attention.interface import enable
@@ -47,6 +47,8 @@ class SqueezeCache(Cache):
         budget: ratio of the prompt in (0, 1] or absolute tokens per KV head per layer (on average).
         record_prefill: keep the prompt's queries so :meth:`fork` can compress copies of this cache
             (only meaningful with the ``full`` method).
+        tokenizer: the model's tokenizer, for methods that replay the prompt (``kvzip``) and for forks
+            of this cache to them.
         **params: hyperparameter overrides for a method given by name.
     """
 
@@ -57,15 +59,23 @@ class SqueezeCache(Cache):
         budget: float | int | str | Budget = 1.0,
         *,
         record_prefill: bool = False,
+        tokenizer: PreTrainedTokenizerBase | None = None,
         **params: Any,
     ) -> None:
         config = model if isinstance(model, PreTrainedConfig) else model.config
-        if isinstance(model, PreTrainedModel):
-            enable(model)
+        self.model = model if isinstance(model, PreTrainedModel) else None
         text = check_architecture(config)
-        self.method = get_method(method, **params)
+        if self.model is not None:
+            enable(self.model)
+        self.method = get_method(method, **params).for_model(self.model)
         self.budget = Budget.parse(budget)
         self.config = text
+        self.tokenizer = tokenizer
+        self.prompt_ids: torch.Tensor | None = None  # (B, L) the prompt's token ids, for a replay
+        self.prompt_mask: torch.Tensor | None = None  # (B, L) its padding mask
+        self._replay_seconds = 0.0
+        self._replayed = False  # the prompt was scored by its replay (and compressed)
+        self._replays: dict[tuple, tuple[list[torch.Tensor], float]] = {}  # replay scores, for forks
         quantize = self.method.components().quantize
         n = text.num_hidden_layers
         rotations: list[KeyRotation | None] = [None] * n
@@ -91,6 +101,56 @@ class SqueezeCache(Cache):
         self.group = LayerGroup(layers)
         for layer in layers:
             layer.group = self.group
+        if self.replays:
+            self._check_replay(layer_types)
+
+    # ------------------------------------------------------------ replay (KVzip)
+
+    @property
+    def replays(self) -> bool:
+        """True if the method scores the prompt by replaying it after the prompt's forward pass."""
+        return bool(getattr(self.method.components().scorer, "replays", False))
+
+    def _check_replay(self, layer_types: list[str]) -> None:
+        name = self.method.name
+        if self.model is None:
+            raise ValueError(f"{name} replays the prompt through the model: build the cache with the model")
+        if self.tokenizer is None:
+            raise ValueError(
+                f"{name} replays the prompt after a repeat instruction: pass tokenizer= to the cache"
+            )
+        if "sliding_attention" in layer_types:
+            raise ValueError(
+                f"{name} does not support sliding-window layers: a replay's queries cannot see the context"
+            )
+
+    def before_forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:
+        """Called before each forward pass (a model hook): keep the prompt's ids when a replay needs them."""
+        if self.layers[0].is_initialized or not (self.replays or self.layers[0].record_prefill):
+            return
+        self.prompt_ids = input_ids
+        if input_ids is not None:
+            self.prompt_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+
+    def after_forward(self, decoder: torch.nn.Module) -> None:
+        """Called after each forward pass (a model hook): replay the prompt once it is in, then compress."""
+        busy = self.group.replay_span is not None  # this is a forward pass of the replay itself
+        if self.replays and not (self._replayed or busy) and self.layers[0].prompt_lengths is not None:
+            self._compress_by_replay(decoder)
+
+    def _compress_by_replay(self, decoder: torch.nn.Module, source: SqueezeCache | None = None) -> None:
+        from kvsqueeze.cache.replay import replay_and_score
+
+        key = self.method.components().scorer.key
+        known = source._replays.get(key) if source is not None else None
+        if known is None:
+            known = replay_and_score(self, decoder, self.tokenizer)
+            if source is not None:
+                source._replays[key] = known
+        scores, self._replay_seconds = known  # a reused replay still costs what it cost once
+        self._replayed = True
+        for layer, layer_scores in zip(self.layers, scores, strict=True):
+            layer.compress_scored(layer_scores.clone())
 
     def fork(
         self, method: str | Method = "full", budget: float | int | str | Budget = 1.0, **params: Any
@@ -103,10 +163,30 @@ class SqueezeCache(Cache):
         """
         if self.method.name != "full":
             raise ValueError(f"fork() needs a full cache as its source, not {self.method.name}")
-        forked = SqueezeCache(self._model_config, method, budget, **params)
+        model = self.model if self.model is not None else self._model_config
+        forked = SqueezeCache(model, method, budget, tokenizer=self.tokenizer, **params)
+        forked.prompt_ids, forked.prompt_mask = self.prompt_ids, self.prompt_mask
         for source, layer in zip(self.layers, forked.layers, strict=True):
             layer.adopt_prefill(source)
+        if forked.replays:
+            from kvsqueeze.attention.hooks import decoder_of
+
+            forked._compress_by_replay(decoder_of(self.model), source=self)
         return forked
+
+    def replay_scores(self, method: str | Method = "kvzip", **params: Any) -> list[torch.Tensor]:
+        """The replay scores of this recorded full cache's prompt rows, per layer (B, H_kv, T) fp32.
+
+        ``method`` names a replaying method (``kvzip``) and its parameters; the replay runs on a copy, once
+        per scorer setting (forks to that method reuse it), and this cache is left untouched.
+        """
+        built = get_method(method, **params)
+        scorer = built.components().scorer
+        if not getattr(scorer, "replays", False):
+            raise ValueError(f"{built.name} does not score by replaying the prompt")
+        if scorer.key not in self._replays:
+            self.fork(built, 1.0)
+        return self._replays[scorer.key][0]
 
     # ------------------------------------------------------------------ measurement
 
@@ -152,6 +232,10 @@ class SqueezeCache(Cache):
         """Empty every layer and forget the prompt statistics and layer state, for the next generation."""
         super().reset()
         self.group.reset()
+        self.prompt_ids = self.prompt_mask = None
+        self._replay_seconds = 0.0
+        self._replayed = False
+        self._replays.clear()
         for layer in self.layers:
             layer.components = self.method.components()
 
@@ -161,7 +245,7 @@ class SqueezeCache(Cache):
 
     def compression_seconds(self) -> float:
         """Time spent scoring and selecting so far."""
-        return sum(layer.compression_seconds for layer in self.layers)
+        return self._replay_seconds + sum(layer.compression_seconds for layer in self.layers)
 
     def __repr__(self) -> str:
         return f"SqueezeCache(method={self.method.name}, budget={self.budget}, layers={len(self.layers)})"

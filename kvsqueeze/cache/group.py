@@ -14,6 +14,7 @@ import torch
 
 if TYPE_CHECKING:
     from kvsqueeze.cache.layer import SqueezeLayer
+    from kvsqueeze.scorers.reconstruction import ReplaySpan
 
 
 class LayerGroup:
@@ -22,6 +23,7 @@ class LayerGroup:
     def __init__(self, layers: list[SqueezeLayer]) -> None:
         self.layers = layers
         self.statistics: list[torch.Tensor | None] = [None] * len(layers)
+        self.replay_span: ReplaySpan | None = None  # set while a replay round runs (KVzip's scoring)
         self.reset()
 
     def record(self, layer_idx: int, statistic: torch.Tensor) -> list[torch.Tensor]:

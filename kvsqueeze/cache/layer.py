@@ -70,6 +70,9 @@ class SqueezeLayer(CacheLayerMixin):
         self.keeps_scores = scorer is not None and (
             scorer.stateful or (allocator is not None and allocator.uses_statistics)
         )
+        # the attention input (B, q, D_model), set by a hook for learned scorers and recorded prefills
+        self.wants_hidden_states = record_prefill or getattr(scorer, "needs_hidden_states", False)
+        self.hidden_states: torch.Tensor | None = None
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -85,6 +88,9 @@ class SqueezeLayer(CacheLayerMixin):
         self.protected_recent: torch.Tensor | None = None  # (B,) rows always kept at the end
         self.compression_seconds = 0.0
         self.recorded: Observation | None = None  # the prompt's queries, when recording (see `adopt_prefill`)
+        self.replay_scores: torch.Tensor | None = None  # (B, H_kv, T) best replay attention per prompt row
+        self._awaiting_replay: Observation | None = None  # the prompt's call, to quantize after its replay
+        self._seen_before_replay = 0
         self.is_initialized = False
 
     # ------------------------------------------------------------ transformers layer API
@@ -226,13 +232,20 @@ class SqueezeLayer(CacheLayerMixin):
             self.prompt_end = self.seen
         window = sliding_window if sliding_window is not None else self.sliding_window
         obs = self._observe(query, query_valid, position_ids, scaling, window, is_prefill)
+        self.hidden_states = None  # observed; the hook sets it again for the next call
         output = self._attention_output(module, obs, dropout)
+        span = self.group.replay_span if self.group is not None else None
+        if span is not None:  # a replay round scores the prompt's rows; nothing is compressed
+            scores = self.components.scorer.replay_scores(obs, span)  # (B, H_kv, T)
+            width = self.replay_scores.shape[-1]
+            self.replay_scores = torch.maximum(self.replay_scores, scores[..., :width])
+            self.rows.release()
+            return output
         if is_prefill and self.record_prefill:
             self.recorded = obs
         if window is not None and self._trim_sliding_window(obs, window):
             obs = self._observe(query, query_valid, position_ids, scaling, window, is_prefill)
-        self._compress(obs)
-        self._quantize(obs)
+        self._compress_and_quantize(obs)
         self.rows.release()  # the dequantized keys and values of a quantized layer live for one call
         self._note_size()
         return output
@@ -257,8 +270,7 @@ class SqueezeLayer(CacheLayerMixin):
         self.seen, self.prompt_end = source.seen, source.prompt_end
         self.prompt_lengths = source.prompt_lengths.clone()
         obs = dataclasses.replace(rec, **self._stored_rows())
-        self._compress(obs)
-        self._quantize(obs)
+        self._compress_and_quantize(obs)
         self.rows.release()
         self._note_size()
 
@@ -281,6 +293,21 @@ class SqueezeLayer(CacheLayerMixin):
             num_layers=self.num_layers,
             sliding_window=window,
             is_prefill=is_prefill,
+            hidden_states=self.hidden_states,
+            **self._stored_rows(),
+        )
+
+    def _rows_observation(self) -> Observation:
+        """The stored rows as an observation without queries, for a plan made after the prompt's attention."""
+        b, device = self.batch_size, self.device
+        return Observation(
+            query=torch.empty(b, self.num_kv_heads, 0, self.head_dim, dtype=self.dtype, device=device),
+            query_positions=torch.empty(b, 0, dtype=torch.long, device=device),
+            query_valid=torch.empty(b, 0, dtype=torch.bool, device=device),
+            scaling=1.0,
+            layer_idx=self.layer_idx,
+            num_layers=self.num_layers,
+            sliding_window=self.sliding_window,
             **self._stored_rows(),
         )
 
@@ -313,6 +340,18 @@ class SqueezeLayer(CacheLayerMixin):
         new_col = (slot[None, None, :] - (lengths - q)[..., None]).clamp(0, q - 1)
         drop = is_new & torch.gather(padding[:, None, :].expand(b, h, q), 2, new_col)
         self.rows.keep((self.rows.valid_mask().view(b, h, t) & ~drop).view(b * h, t))
+
+    def _compress_and_quantize(self, obs: Observation) -> None:
+        """The method's step after an attention call: evict on its schedule, then quantize what is due.
+
+        A prompt scored by a replay (KVzip) waits: the cache replays it once every layer has it, then
+        :meth:`compress_scored` evicts and quantizes what stays (so the replay reads full-precision rows).
+        """
+        if obs.is_prefill and getattr(self.components.scorer, "replays", False):
+            self._awaiting_replay = obs if self.components.quantize is not None else None
+            return
+        self._compress(obs)
+        self._quantize(obs)
 
     def _compress(self, obs: Observation) -> None:
         comp = self.components
@@ -382,18 +421,22 @@ class SqueezeLayer(CacheLayerMixin):
         """Split the layer budget over heads, choose the rows, and let the action free the others."""
         comp = self.components
         protected = protected_rows(key_positions, key_valid, self.protected_recent, comp.sinks)
-        counts = comp.heads.head_counts(scores, key_valid & ~protected, protected, self.layer_budget)
+        if self.layer_budget.dim() == 2:  # the allocator planned every head (a global top-k)
+            counts = self.layer_budget
+        else:
+            counts = comp.heads.head_counts(scores, key_valid & ~protected, protected, self.layer_budget)
         keep = select_rows(scores, key_valid, protected, counts)  # (B * H_kv, T)
         comp.action.apply(self.rows, obs, scores, keep)
 
-    def _plan_across_layers(self, obs: Observation) -> None:
+    def _plan_across_layers(self, obs: Observation, scores: torch.Tensor | None = None) -> None:
         """Cross-layer allocators: score this layer's prompt, record its statistic, resize the layers.
 
         The scores are stored beside the rows so that a later layer's plan can shrink this one again
-        (CAKE's cascade) without its queries.
+        (CAKE's cascade) without its queries. ``scores`` given: computed already (by a replay).
         """
         comp = self.components
-        scores = comp.scorer.score(obs, None)  # (B, H_kv, T) fp32
+        if scores is None:
+            scores = comp.scorer.score(obs, None)  # (B, H_kv, T) fp32
         self.rows.update_field("score", scores.reshape(-1, scores.shape[-1]))
         statistics = self.group.record(self.layer_idx, comp.allocator.layer_statistic(obs, scores))
         self._set_budget(self.rows.lengths.view(obs.batch_size, -1).amax(-1))  # until planned
@@ -401,10 +444,12 @@ class SqueezeLayer(CacheLayerMixin):
             self.group.layers[idx].resize(budget)
 
     def resize(self, budget: torch.Tensor) -> None:
-        """Keep at most ``budget`` (B,) rows per head, chosen by the scores stored at prefill."""
+        """Keep at most ``budget`` rows per head, (B,) or per (sequence, head) (B, H_kv), chosen by the
+        scores stored at prefill."""
         self._set_budget(budget)
         b, h, t = self.batch_size, self.num_kv_heads, self.rows.max_length
-        if not bool((self.rows.lengths.view(b, h) > budget[:, None]).any()):
+        per_head = budget if budget.dim() == 2 else budget[:, None]
+        if not bool((self.rows.lengths.view(b, h) > per_head).any()):
             return
         stored = self._stored_rows()
         scores = self.rows.padded("score").view(b, h, t)
@@ -412,11 +457,55 @@ class SqueezeLayer(CacheLayerMixin):
         self._note_size()
 
     def _set_budget(self, budget: torch.Tensor) -> None:
-        """This layer's rows per head (B,) after the prompt, and the recent rows it protects."""
+        """This layer's rows per head (B,) or per (sequence, head) (B, H_kv) after the prompt, and the
+        recent rows it protects."""
         self.layer_budget = self.prefill_budget = budget
+        largest = budget if budget.dim() == 1 else budget.amax(-1)
         self.protected_recent = torch.tensor(
-            [self.components.protected_recent(int(n)) for n in budget.tolist()], device=budget.device
+            [self.components.protected_recent(int(n)) for n in largest.tolist()], device=budget.device
         )
+
+    # ------------------------------------------------------------ scoring by replay (KVzip)
+
+    def begin_replay(self) -> None:
+        """Start a replay of the prompt: no row has been paid attention yet."""
+        b, h, t = self.batch_size, self.num_kv_heads, self.rows.max_length
+        self.replay_scores = torch.zeros(b, h, t, dtype=torch.float32, device=self.device)
+        self._seen_before_replay = self.seen
+
+    def end_replay_round(self, prompt_end: torch.Tensor) -> None:
+        """Drop the rows a replay round appended (positions from ``prompt_end`` (B,) on)."""
+        b, h, t = self.batch_size, self.num_kv_heads, self.rows.max_length
+        positions = self.rows.padded("positions", fill=-1).view(b, h, t)
+        keep = self.rows.valid_mask().view(b, h, t) & (positions < prompt_end[:, None, None])
+        self.rows.keep(keep.view(b * h, t))
+        self.seen = self._seen_before_replay
+
+    def finish_replay(self, header_end: torch.Tensor) -> torch.Tensor:
+        """The replay's scores of the stored rows (B, H_kv, T), rows before ``header_end`` (B,) at +inf."""
+        b, h, t = self.batch_size, self.num_kv_heads, self.rows.max_length
+        positions = self.rows.padded("positions", fill=-1).view(b, h, t)
+        scores = self.replay_scores.masked_fill(positions < header_end[:, None, None], float("inf"))
+        self.replay_scores = None
+        return scores
+
+    def compress_scored(self, scores: torch.Tensor) -> None:
+        """Compress the prompt by ``scores`` (B, H_kv, T) computed after its attention, as the prefill's
+        own compression step would have (a cross-layer plan, or this layer's budget)."""
+        start = time.perf_counter()
+        comp = self.components
+        obs = self._rows_observation()
+        if comp.allocator.uses_statistics:
+            self._plan_across_layers(obs, scores)
+        else:
+            self._set_budget(comp.allocator.layer_budget(self._request()))
+            self._select(scores, obs.key_positions, obs.key_valid, None)
+        self.compression_seconds += time.perf_counter() - start
+        prompt, self._awaiting_replay = self._awaiting_replay, None
+        if prompt is not None:
+            self._quantize(prompt)
+            self.rows.release()
+        self._note_size()
 
     def _request(self) -> LayerRequest:
         """What the allocator knows about this layer; a one-line error for a budget below the method's floor."""

@@ -8,6 +8,8 @@ from kvsqueeze.methods import (  # noqa: F401
     h2o,
     kivi,
     knorm,
+    kvzap,
+    kvzip,
     mass,
     prefixkv,
     pyramidkv,
@@ -17,13 +19,24 @@ from kvsqueeze.methods import (  # noqa: F401
     zipcache,
 )
 from kvsqueeze.methods.adakv import AdaKV
-from kvsqueeze.methods.base import METHODS, Components, Composed, Method, Schedule, get_method, register
+from kvsqueeze.methods.base import (
+    METHODS,
+    Components,
+    Composed,
+    Method,
+    Schedule,
+    get_method,
+    hyperparameters,
+    register,
+)
 from kvsqueeze.methods.cake import Cake
 from kvsqueeze.methods.d2o import D2O
 from kvsqueeze.methods.full import Full
 from kvsqueeze.methods.h2o import H2O
 from kvsqueeze.methods.kivi import KIVI
 from kvsqueeze.methods.knorm import Knorm
+from kvsqueeze.methods.kvzap import KVzap
+from kvsqueeze.methods.kvzip import KVzip
 from kvsqueeze.methods.mass import Mass
 from kvsqueeze.methods.prefixkv import PrefixKV
 from kvsqueeze.methods.profiled import LayerProfile, Profiled, compute_profile, with_profile
@@ -48,6 +61,8 @@ __all__ = [
     "compute_profile",
     "with_profile",
     "Knorm",
+    "KVzap",
+    "KVzip",
     "METHODS",
     "Components",
     "Full",
@@ -58,5 +73,6 @@ __all__ = [
     "SnapKV",
     "StreamingLLM",
     "get_method",
+    "hyperparameters",
     "register",
 ]

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import ClassVar
 
+import torch
+
 from kvsqueeze.actions.base import Action
 from kvsqueeze.actions.evict import Evict
 from kvsqueeze.actions.quantize import Quantize
@@ -81,8 +83,21 @@ class Method(ABC):
         """Build the scorer, allocator, action and schedule of this method."""
 
     def params(self) -> dict[str, object]:
-        """Hyperparameters and their current values."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """Hyperparameters and their current values (not internal state such as loaded weights)."""
+        return {f.name: getattr(self, f.name) for f in hyperparameters(type(self))}
+
+    def for_model(self, model: torch.nn.Module | None) -> Method:
+        """This method made ready for ``model`` (None: only its config is known); by default itself.
+
+        A method whose parts depend on the model's weights (a learned scorer finds its fitted weights
+        by the model's fingerprint) returns a ready copy, or raises a one-line ``ValueError``.
+        """
+        return self
+
+
+def hyperparameters(cls: type[Method]) -> list[dataclasses.Field]:
+    """The dataclass fields of a method that are hyperparameters (internal state is marked so)."""
+    return [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
 
 
 METHODS: dict[str, type[Method]] = {}
@@ -106,7 +121,7 @@ def get_method(method: str | Method, **params: object) -> Method:
     if key not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(sorted(METHODS))}")
     cls = METHODS[key]
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name for f in hyperparameters(cls)}
     unknown = sorted(set(params) - known)
     if unknown:
         raise ValueError(
@@ -149,6 +164,9 @@ class Composed(Method):
     def params(self) -> dict[str, object]:
         return {**self.eviction.params(), **self.quantization.params()}
 
+    def for_model(self, model: torch.nn.Module | None) -> Method:
+        return dataclasses.replace(self, eviction=self.eviction.for_model(model))
+
 
 def _compose(key: str, params: dict[str, object]) -> Composed:
     """``"EVICTION+QUANTIZATION"`` with each hyperparameter routed to the method that has it."""
@@ -156,8 +174,7 @@ def _compose(key: str, params: dict[str, object]) -> Composed:
     if len(names) != 2 or not all(names):
         raise ValueError(f"a composed method is EVICTION+QUANTIZATION (e.g. snapkv+zipcache), got {key!r}")
     fields_of = {
-        name: {f.name for f in dataclasses.fields(METHODS[name])} if name in METHODS else set()
-        for name in names
+        name: {f.name for f in hyperparameters(METHODS[name])} if name in METHODS else set() for name in names
     }
     both = sorted(set(params) & fields_of[names[0]] & fields_of[names[1]])
     if both:

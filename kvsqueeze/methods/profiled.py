@@ -115,6 +115,9 @@ class Profiled(Method):
         base = self.base.components()
         return dataclasses.replace(base, allocator=ProfileAllocator(self.profile, base.allocator))
 
+    def for_model(self, model: torch.nn.Module | None) -> Method:
+        return dataclasses.replace(self, base=self.base.for_model(model))
+
 
 def with_profile(method: Method, profile: LayerProfile | str | Path) -> Profiled:
     """``method`` with the per-layer budgets of ``profile`` (a :class:`LayerProfile` or its JSON path)."""

@@ -17,12 +17,13 @@ from transformers import (
     MistralConfig,
     PretrainedConfig,
     PreTrainedModel,
+    PreTrainedTokenizerFast,
     Qwen2Config,
 )
 
 from kvsqueeze.cache.cache import SUPPORTED_ARCHITECTURES
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "TINY_VOCAB_SIZE", "tiny_config", "tiny_model"]
+__all__ = ["SUPPORTED_ARCHITECTURES", "TINY_VOCAB_SIZE", "tiny_config", "tiny_model", "tiny_tokenizer"]
 
 TINY_VOCAB_SIZE = 512
 TINY_SLIDING_WINDOW = 16
@@ -105,3 +106,27 @@ def tiny_model(
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs)
     model.generation_config.pad_token_id = config.pad_token_id
     return model.eval()
+
+
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def tiny_tokenizer(chat: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer for the tiny models: one token per UTF-8 byte (ids 3..258), ``<pad>`` 0,
+    ``<s>`` 1, ``</s>`` 2; with ``chat``, a minimal chat template. Built in memory, nothing downloaded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{ch: i + 3 for i, ch in enumerate(sorted(alphabet))}}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    if chat:
+        tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer

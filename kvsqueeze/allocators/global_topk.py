@@ -1,0 +1,84 @@
+"""One top-k over every layer and KV head at once (KVzip's selection, Kim et al., 2025).
+
+KVzip scores rows on one scale across the whole model (the attention the context's replay pays them), so it
+ranks all of a sequence's rows together and keeps the best ``budget x layers x KV heads``: layers and heads
+that matter get more rows, the rest fewer. Each layer records its scores on the prompt; the last layer plans
+every layer at once, so nothing is evicted until all scores are in. Counts include the protected rows
+(sinks, a recent window), which always stay and are charged to the budget.
+
+Plain tensors only.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from kvsqueeze.allocators.base import Allocator, LayerRequest
+from kvsqueeze.attention.observation import Observation
+
+
+class GlobalTopK(Allocator):
+    """Per sequence, the top ``sum_l sum_h min(budget, rows_lh)`` scores over all layers and KV heads.
+
+    Args:
+        sinks: rows at positions below ``sinks`` always stay.
+        window: the last ``window`` rows of every (sequence, head) always stay.
+    """
+
+    name: ClassVar[str] = "global_topk"
+    uses_statistics: ClassVar[bool] = True
+
+    def __init__(self, sinks: int = 4, window: int = 0) -> None:
+        if sinks < 0 or window < 0:
+            raise ValueError(f"global_topk: sinks and window must be >= 0, got {sinks} and {window}")
+        self.sinks, self.window = sinks, window
+
+    def layer_statistic(self, obs: Observation, scores: torch.Tensor) -> torch.Tensor:
+        """The layer's scores ranked for selection, (B, H_kv, T): protected rows +inf, empty slots -inf."""
+        valid = obs.key_valid
+        from_end = valid.sum(-1, keepdim=True) - 1 - torch.arange(valid.shape[-1], device=valid.device)
+        protected = (from_end < self.window) | (obs.key_positions < self.sinks)
+        ranked = scores.float().masked_fill(protected, float("inf"))
+        return ranked.masked_fill(~valid, float("-inf"))
+
+    def plan(self, statistics: list[torch.Tensor], request: LayerRequest) -> dict[int, torch.Tensor]:
+        """Nothing until the last layer; then rows per (sequence, KV head), (B, H_kv), for every layer."""
+        if request.layer_idx < request.num_layers - 1:
+            return {}
+        return {layer: counts for layer, counts in enumerate(global_counts(statistics, request.budget))}
+
+
+def global_counts(ranked: list[torch.Tensor], budget: torch.Tensor) -> list[torch.Tensor]:
+    """Rows each (sequence, KV head) of each layer keeps under one top-k per sequence.
+
+    ``ranked`` holds each layer's (B, H_kv, T_l) scores (-inf for empty slots, +inf for protected rows);
+    ``budget`` (B,) is the average rows per head per layer. A sequence keeps
+    ``sum over layers and heads of min(budget, rows)`` rows in all: a head shorter than the budget (a
+    sliding-window layer, a short prompt) is not charged for rows it never held.
+    """
+    b = ranked[0].shape[0]
+    stored = [(r > float("-inf")).sum(-1) for r in ranked]  # (B, H_kv) per layer
+    totals = sum(s.clamp(max=budget[:, None]).sum(-1) for s in stored)  # (B,)
+    flat = torch.cat([r.reshape(b, -1) for r in ranked], dim=1)  # (B, sum_l H_kv * T_l)
+    owner = torch.cat(  # which (layer, head) segment every flat slot belongs to
+        [
+            torch.arange(r.shape[1], device=r.device).repeat_interleave(r.shape[2]) + offset
+            for r, offset in zip(ranked, _offsets(ranked), strict=True)
+        ]
+    )
+    segments = sum(r.shape[1] for r in ranked)
+    counts = torch.zeros(b, segments, dtype=torch.long, device=flat.device)
+    for i in range(b):
+        top = flat[i].sort(descending=True, stable=True).indices[: int(totals[i])]  # ties: storage order
+        counts[i] = torch.bincount(owner[top], minlength=segments)
+    return list(counts.split([r.shape[1] for r in ranked], dim=1))
+
+
+def _offsets(ranked: list[torch.Tensor]) -> list[int]:
+    out, total = [], 0
+    for r in ranked:
+        out.append(total)
+        total += r.shape[1]
+    return out

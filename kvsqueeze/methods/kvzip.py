@@ -1,0 +1,48 @@
+"""KVzip (Kim et al., NeurIPS'25, arXiv 2505.23416): keep what the model needs to repeat the context.
+
+Query-agnostic: after the prompt, the cache replays it after "Repeat the previous context exactly." in
+chunks of 2048 tokens (:mod:`kvsqueeze.cache.replay`); a row scores the largest attention any replay query
+pays it, the softmax of each chunk's replay running over the 4 sinks, that chunk and the replay itself
+(:mod:`kvsqueeze.scorers.reconstruction`). One top-k over all layers and KV heads then keeps
+``budget x layers x KV heads`` rows per sequence (KVzip's non-layerwise selection), so heads and layers keep
+what their scores earn. The chat template's header and the first 4 positions always stay.
+
+Defaults are the official code's and kvpress's ``KVzipPress``: ``chunk_size=2048``, ``sinks=4``, 8 tokens
+of the previous chunk quoted in later rounds. Unlike kvpress, which masks evicted rows and keeps their bytes,
+the rows are freed (stored ragged per head), and left-padded batches work. The replay costs about one more
+prefill; ``kvzap`` predicts these scores inside the one prefill instead. Needs the model and its tokenizer
+(``SqueezeCache(model, "kvzip", 0.25, tokenizer=tokenizer)``; ``kvsqueeze.generate`` passes both) and
+full-attention layers (not Gemma 3's sliding ones).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvsqueeze.allocators.global_topk import GlobalTopK
+from kvsqueeze.methods.base import Components, Method, register
+from kvsqueeze.scorers.reconstruction import ReconstructionScorer
+
+
+@register
+@dataclass
+class KVzip(Method):
+    """Rows ranked by the attention a replay of the context pays them; one top-k over all layers and heads."""
+
+    name = "kvzip"
+    summary = "context-reconstruction scores, one top-k over layers and heads (query-agnostic; replays)"
+    chunk_size: int = 2048
+    sinks: int = 4
+    overlap: int = 8
+
+    def validate(self) -> None:
+        super().validate()
+        if self.chunk_size < 1:
+            raise ValueError(f"kvzip: chunk_size must be >= 1, got {self.chunk_size}")
+
+    def components(self) -> Components:
+        return Components(
+            ReconstructionScorer(self.chunk_size, self.sinks, self.overlap),
+            GlobalTopK(sinks=self.sinks),
+            sinks=self.sinks,
+        )

@@ -1,0 +1,90 @@
+"""Context-reconstruction scorer (KVzip, Kim et al., 2025, arXiv 2505.23416).
+
+A row matters if the model needs it to repeat the context. After the prompt, the cache replays it: the model
+reads "Repeat the previous context exactly." and then the context itself, one chunk at a time, on top of the
+cached prompt. A row's score is the largest attention any replay query pays it (max over the replay's queries
+and over the KV head's group of query heads). As in KVzip's code, the softmax of a chunk's replay runs over
+the attention sinks, that chunk's rows and the replay's own rows only, so chunks do not compete for mass.
+
+The scores do not depend on any question, so the compressed cache answers whatever comes next. The cache
+drives the replay (:mod:`kvsqueeze.cache.replay`, it needs the model and the tokenizer); this module holds
+the hyperparameters and the per-layer math, on plain tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from kvsqueeze.attention.observation import Observation
+from kvsqueeze.scorers.base import Scorer
+
+REPEAT_PROMPT = "\n\nRepeat the previous context exactly."
+CONTINUE_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with"
+REPLAY_CHUNK = 512  # replay queries per chunk of the score computation
+
+
+@dataclass(frozen=True)
+class ReplaySpan:
+    """The prompt rows one replay round scores, per sequence: positions ``start <= p < end``."""
+
+    start: torch.Tensor  # (B,) first position of the chunk being repeated
+    end: torch.Tensor  # (B,) one past its last (start == end: nothing scored this round)
+    sink_end: torch.Tensor  # (B,) rows before this position are attention sinks
+    prompt_end: torch.Tensor  # (B,) one past the prompt's last position: rows from here are the replay's
+
+
+class ReconstructionScorer(Scorer):
+    """KVzip's scores, from a replay of the context that the cache runs after the prompt.
+
+    Args:
+        chunk_size: context tokens repeated per replay round (KVzip: 2048).
+        sinks: the first ``sinks`` positions stay in every round's softmax (KVzip: 4).
+        overlap: tokens of the previous chunk quoted to say where a later round starts (KVzip: 8).
+    """
+
+    name: ClassVar[str] = "reconstruction"
+    replays: ClassVar[bool] = True  # scored after the prompt by a replay, not during its attention
+
+    def __init__(self, chunk_size: int = 2048, sinks: int = 4, overlap: int = 8) -> None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.chunk_size, self.sinks, self.overlap = chunk_size, sinks, overlap
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        """What the scores depend on: two scorers with the same key give the same scores."""
+        return self.chunk_size, self.sinks, self.overlap
+
+    def score(self, obs: Observation, state: torch.Tensor | None = None) -> torch.Tensor:
+        raise ValueError("reconstruction scores come from a replay of the context, which the cache runs")
+
+    def replay_scores(self, obs: Observation, span: ReplaySpan) -> torch.Tensor:
+        """Max attention from this round's replay queries onto the chunk's rows, (B, H_kv, T) fp32.
+
+        ``obs`` is a replay call: its keys are the cached prompt plus the replay rows appended so far. Rows
+        outside the span score 0.
+        """
+        b, h, q, d = obs.query.shape
+        h_kv, g = obs.num_kv_heads, obs.group_size
+        kpos = obs.key_positions.long()  # (B, H_kv, T)
+        start, end = span.start[:, None, None], span.end[:, None, None]
+        in_chunk = (kpos >= start) & (kpos < end)
+        sinks, replay = kpos < span.sink_end[:, None, None], kpos >= span.prompt_end[:, None, None]
+        in_softmax = obs.key_valid & (in_chunk | sinks | replay)
+        keys_t = obs.keys.float().transpose(-1, -2)  # (B, H_kv, D, T)
+        all_queries_valid = bool(obs.query_valid.all())
+        best = torch.zeros(b, h_kv, keys_t.shape[-1], dtype=torch.float32, device=keys_t.device)
+        for s in range(0, q, REPLAY_CHUNK):
+            e = min(q, s + REPLAY_CHUNK)
+            queries = obs.query[:, :, s:e].float().reshape(b, h_kv, g * (e - s), d)  # heads of a group
+            logits = (queries @ keys_t).view(b, h_kv, g, e - s, -1) * obs.scaling  # (B, H_kv, g, qc, T)
+            causal = kpos[:, :, None, :] <= obs.query_positions[:, None, s:e, None]  # (B, H_kv, qc, T)
+            hidden = ~(in_softmax[:, :, None, :] & causal)
+            if not all_queries_valid:  # a padding query sees nothing (its row comes out all zero)
+                hidden |= ~obs.query_valid[:, None, s:e, None]
+            probs = logits.masked_fill_(hidden[:, :, None], float("-inf")).softmax(dim=-1)
+            best = torch.maximum(best, probs.nan_to_num_(nan=0.0).amax(dim=(2, 3)))
+        return best * (in_chunk & obs.key_valid)
