@@ -1,0 +1,62 @@
+"""``kvsqueeze calibrate``: fit a learned scorer (``kvzap``) for one model, offline and resumably."""
+
+from __future__ import annotations
+
+import argparse
+
+LEARNED_METHODS = ("kvzap",)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the ``calibrate`` subcommand."""
+    p = sub.add_parser(
+        "calibrate",
+        help="fit a learned scorer (kvzap) to native kvzip scores on offline documents (resumable)",
+    )
+    p.add_argument(
+        "--model", "-m", default=None, help="alias, GGUF path, HF folder or hub id (default: smollm2-135m)"
+    )
+    p.add_argument("--method", default="kvzap", choices=LEARNED_METHODS, help="the learned method to fit")
+    p.add_argument("--documents", type=int, default=48, help="calibration documents (default: 48)")
+    p.add_argument("--tokens", type=int, default=2048, help="tokens per document (default: 2048)")
+    p.add_argument("--held-out", type=int, default=4, help="documents held out to measure R^2 (default: 4)")
+    p.add_argument("--ridge", type=float, default=1.0, help="ridge penalty of the linear fit (default: 1)")
+    p.add_argument("--out", help="weights file (default: the user cache, where --method kvzap finds it)")
+    p.set_defaults(run=run_calibrate)
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from kvsqueeze.models import DEFAULT_MODEL, load_model
+    from kvsqueeze.models.fingerprint import model_fingerprint
+    from kvsqueeze.weights import user_weights_path
+
+    for name in ("documents", "tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.held_out < 1 or args.held_out >= args.documents:
+        raise ValueError(f"--held-out must be in [1, --documents), got {args.held_out}")
+    if args.ridge < 0:
+        raise ValueError(f"--ridge must be >= 0, got {args.ridge}")
+    name = args.model or DEFAULT_MODEL
+    model, tokenizer = load_model(name)
+    from kvsqueeze.calibrate.fit import calibrate_kvzap
+
+    fingerprint = model_fingerprint(model)
+    destination = user_weights_path(args.method, fingerprint)
+    state = destination.with_suffix(".state.pt")
+    result = calibrate_kvzap(
+        model,
+        tokenizer,
+        state,
+        documents=args.documents,
+        tokens=args.tokens,
+        held_out=args.held_out,
+        ridge=args.ridge,
+        metadata={"model": name, "fingerprint": fingerprint},
+    )
+    out = result.weights.save(args.out or destination)
+    print(
+        f"{args.method} scorer for {name} ({fingerprint}): {result.documents} documents, {result.tokens} "
+        f"training tokens, held-out R^2 {result.held_out_r2:.3f}, {result.seconds:.0f} s -> {out}"
+    )
+    return 0

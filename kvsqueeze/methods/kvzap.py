@@ -1,0 +1,65 @@
+"""KVzap (Jegou et al., 2026, arXiv 2601.07891): KVzip's scores, predicted inside the one prefill.
+
+Per layer, a linear map (or a two-layer MLP) from the hidden state a token enters attention with to the log
+of its KVzip score, one output per KV head (:class:`~kvsqueeze.scorers.learned.LearnedScorer`). It runs in
+the normal prefill at the cost of one small matmul per layer, so compression costs almost nothing over a
+plain prefill, and it needs no question: query-agnostic, like KVzip. The same top-k over all layers and KV
+heads as ``kvzip`` picks the rows; the first ``sinks=4`` positions and the last ``window=16`` rows always
+stay (kvpress's KVzap keeps a recent window too; it thresholds scores, here a budget is kept).
+
+The weights are fitted per model by ``kvsqueeze calibrate --model M --method kvzap`` (native ``kvzip`` run on
+offline documents, :mod:`kvsqueeze.calibrate`) and found by the model's fingerprint; the packaged models'
+weights ship with kvsqueeze (:mod:`kvsqueeze.weights`). ``weights=PATH`` takes a file explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from kvsqueeze.allocators.global_topk import GlobalTopK
+from kvsqueeze.methods.base import Components, Method, register
+from kvsqueeze.scorers.learned import LearnedScorer, ScorerWeights
+
+
+@register
+@dataclass
+class KVzap(Method):
+    """Learned per-layer scores from hidden states; one top-k over all layers and heads (prefill)."""
+
+    name = "kvzap"
+    summary = "learned KVzip scores from hidden states, one top-k over layers and heads (query-agnostic)"
+    sinks: int = 4
+    window: int = 16
+    weights: str = ""  # a weights file; "" finds the calibrated or shipped weights of the model
+    # the loaded weights (set by `for_model`, not a hyperparameter)
+    fitted: ScorerWeights | None = field(default=None, repr=False, compare=False, metadata={"internal": True})
+
+    def for_model(self, model: torch.nn.Module | None) -> Method:
+        if self.fitted is not None:
+            return self
+        if self.weights:
+            return dataclasses.replace(self, fitted=ScorerWeights.load(self.weights))
+        if model is None:
+            raise ValueError(
+                "kvzap finds its scorer weights by the model's weights: build the cache with the model"
+            )
+        from kvsqueeze.models.fingerprint import model_fingerprint
+        from kvsqueeze.weights import find_scorer_weights
+
+        fingerprint = model_fingerprint(model)
+        fitted = find_scorer_weights(self.name, fingerprint)
+        if fitted is None:
+            raise ValueError(
+                f"no kvzap scorer weights for this model (fingerprint {fingerprint}); fit them with "
+                "`kvsqueeze calibrate --model MODEL --method kvzap`"
+            )
+        return dataclasses.replace(self, fitted=fitted)
+
+    def components(self) -> Components:
+        scorer = LearnedScorer(self.fitted) if self.fitted is not None else None
+        return Components(
+            scorer, GlobalTopK(sinks=self.sinks, window=self.window), sinks=self.sinks, window=self.window
+        )

@@ -1,0 +1,264 @@
+"""Query-agnostic compression: native KVzip (scored by a replay) and the learned KVzap scorer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import left_padded_batch, squeeze_generate, stock_generate
+
+from kvsqueeze import SqueezeCache
+from kvsqueeze.allocators.global_topk import global_counts
+from kvsqueeze.cache.replay import ReplayText
+from kvsqueeze.methods import KVzap, get_method
+from kvsqueeze.models.tiny import tiny_model, tiny_tokenizer
+from kvsqueeze.scorers.learned import ScorerWeights
+
+NEW = 8
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer(chat=True)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama", num_hidden_layers=3, seed=0)
+
+
+def random_weights(model, seed: int = 0) -> ScorerWeights:
+    config = model.config
+    g = torch.Generator().manual_seed(seed)
+    n, h, d = config.num_hidden_layers, config.num_key_value_heads, config.hidden_size
+    return ScorerWeights({"weight": torch.randn(n, h, d, generator=g), "bias": torch.zeros(n, h)})
+
+
+def prompt_ids(tokenizer, text: str) -> torch.Tensor:
+    return torch.tensor(
+        [ReplayText.for_tokenizer(tokenizer).header + tokenizer.encode(text, add_special_tokens=False)]
+    )
+
+
+# ------------------------------------------------------------------ kvzip against a from-scratch reference
+
+
+def reference_scores(tokenizer, ids: torch.Tensor, chunk_size: int, sinks: int = 4, overlap: int = 8):
+    """KVzip's scores from an eager model's full attention maps (B = 1), per layer (H_kv, L).
+
+    Each round is one eager forward over prompt + replay; restricting the softmax to sinks, the chunk and
+    the replay is a renormalization of the full probabilities over those columns.
+    """
+    eager = tiny_model("llama", num_hidden_layers=3, seed=0, attn_implementation="eager")
+    text = ReplayText.for_tokenizer(tokenizer)
+    prompt = ids[0].tolist()
+    header = len(text.header)
+    context = prompt[header:]
+    chunks = [context[i : i + chunk_size] for i in range(0, len(context), chunk_size)]
+    length, g = len(prompt), eager.config.num_attention_heads // eager.config.num_key_value_heads
+    best = torch.zeros(eager.config.num_hidden_layers, eager.config.num_key_value_heads, length)
+    for r, chunk in enumerate(chunks):
+        lead = text.repeat if r == 0 else text.resume + chunks[r - 1][-overlap:]
+        replay = lead + text.turn + chunk
+        with torch.no_grad():
+            out = eager(torch.tensor([prompt + replay]), output_attentions=True)
+        start = header + r * chunk_size
+        allowed = torch.zeros(length + len(replay), dtype=torch.bool)
+        allowed[:sinks] = True
+        allowed[start : start + len(chunk)] = True
+        allowed[length:] = True
+        for layer, attn in enumerate(out.attentions):  # (1, H, T, T)
+            rows = attn[0, :, length:].float() * allowed  # replay queries
+            rows = rows / rows.sum(-1, keepdim=True)
+            per_kv = rows.view(-1, g, *rows.shape[1:]).amax(dim=(1, 2))  # (H_kv, T)
+            span = slice(start, start + len(chunk))
+            best[layer, :, span] = torch.maximum(best[layer, :, span], per_kv[:, span])
+    best[:, :, :header] = float("inf")
+    return best
+
+
+@pytest.mark.parametrize("chunk_size", [1000, 48])
+def test_kvzip_scores_match_reference(llama, tokenizer, chunk_size):
+    ids = prompt_ids(tokenizer, "The code for the north gate is 7302. " * 4)
+    source = SqueezeCache(llama, "full", record_prefill=True, tokenizer=tokenizer)
+    with torch.inference_mode():
+        llama(ids, cache=source)
+    got = torch.stack([s[0] for s in source.replay_scores("kvzip", chunk_size=chunk_size)])  # (N, H_kv, L)
+    expected = reference_scores(tokenizer, ids, chunk_size)
+    assert got.shape == expected.shape
+    finite = torch.isfinite(expected)
+    assert torch.equal(torch.isfinite(got), finite)
+    assert torch.allclose(got[finite], expected[finite], atol=1e-5, rtol=1e-4)
+    assert bool((got[finite] > 0).all())  # every context row is scored by some round
+
+
+def test_replay_leaves_the_source_untouched(llama, tokenizer):
+    ids = prompt_ids(tokenizer, "alpha beta gamma delta " * 5)
+    source = SqueezeCache(llama, "full", record_prefill=True, tokenizer=tokenizer)
+    with torch.inference_mode():
+        llama(ids, cache=source)
+    before = [layer.keys.clone() for layer in source.layers]
+    source.replay_scores("kvzip", chunk_size=32)
+    assert all(torch.equal(a, layer.keys) for a, layer in zip(before, source.layers, strict=True))
+    assert source.get_seq_length() == ids.shape[1]
+
+
+# ------------------------------------------------------------------ lossless and batched
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("method", ["kvzip", "kvzap"])
+def test_lossless_at_keep_one(arch, method, tokenizer):
+    model = tiny_model(arch, num_hidden_layers=3, seed=0)
+    ids, mask = left_padded_batch([40, 23, 31], seed=2)
+    expected = stock_generate(model, ids, mask, max_new_tokens=NEW)
+    built = get_method("kvzip") if method == "kvzip" else KVzap(fitted=random_weights(model))
+    cache = SqueezeCache(model, built, budget=1.0, tokenizer=tokenizer)
+    got = squeeze_generate(model, cache, ids, mask, max_new_tokens=NEW)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("method", ["kvzip", "kvzap"])
+def test_batched_equals_one_by_one(llama, tokenizer, method):
+    texts = ["the lamp is red and the door is blue " * 3, "seven ducks swim " * 2, "a b c d e f g " * 4]
+    built = (
+        get_method("kvzip", chunk_size=40)
+        if method == "kvzip"
+        else KVzap(window=2, fitted=random_weights(llama))
+    )
+    header = ReplayText.for_tokenizer(tokenizer).header
+    singles = [torch.tensor([header + tokenizer.encode(t, add_special_tokens=False)]) for t in texts]
+    width = max(s.shape[1] for s in singles)
+    ids = torch.zeros(len(texts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(singles):
+        ids[i, width - s.shape[1] :] = s[0]
+        mask[i, width - s.shape[1] :] = 1
+    batch = SqueezeCache(llama, built, 0.3, tokenizer=tokenizer)
+    with torch.inference_mode():
+        llama(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), cache=batch)
+    for i, single_ids in enumerate(singles):
+        one = SqueezeCache(llama, built, 0.3, tokenizer=tokenizer)
+        with torch.inference_mode():
+            llama(single_ids, cache=one)
+        for layer_b, layer_1 in zip(batch.layers, one.layers, strict=True):
+            assert layer_b.kept_positions()[i] == layer_1.kept_positions()[0]
+
+
+@pytest.mark.parametrize("method", ["kvzip", "kvzap"])
+@pytest.mark.parametrize("ratio", [0.1, 0.25, 0.5])
+def test_stored_bytes_follow_the_ratio(llama, tokenizer, method, ratio):
+    built = get_method("kvzip") if method == "kvzip" else KVzap(fitted=random_weights(llama))
+    ids = prompt_ids(tokenizer, "Numbers: 1841, 2203, 9977 and 5150 are filed here. " * 6)
+    cache = SqueezeCache(llama, built, ratio, tokenizer=tokenizer)
+    with torch.inference_mode():
+        llama(ids, cache=cache)
+    assert cache.kv_nbytes() <= (ratio + 0.05) * cache.full_nbytes()
+    kept = cache.stored_rows().sum()
+    layers, heads = len(cache.layers), llama.config.num_key_value_heads
+    assert int(kept) == layers * heads * int(torch.ceil(torch.tensor(ids.shape[1] * ratio)))
+
+
+def test_kvzip_composes_with_quantization_and_profiles(llama, tokenizer, tmp_path):
+    from kvsqueeze.methods import LayerProfile, with_profile
+
+    ids = prompt_ids(tokenizer, "one two three four five six " * 6)
+    quantized = SqueezeCache(llama, "kvzip+kivi", 0.5, tokenizer=tokenizer, group_size=16, residual=16)
+    with torch.inference_mode():
+        llama(ids, cache=quantized)
+    plain = SqueezeCache(llama, "kvzip", 0.5, tokenizer=tokenizer)
+    with torch.inference_mode():
+        llama(ids, cache=plain)
+    assert torch.equal(quantized.stored_rows(), plain.stored_rows())  # same rows, fewer bytes
+    assert quantized.kv_nbytes() < plain.kv_nbytes()
+    profile = LayerProfile(keep_ratios=[0.9, 0.5, 0.1])
+    profiled = SqueezeCache(llama, with_profile(get_method("kvzip"), profile), 0.5, tokenizer=tokenizer)
+    with torch.inference_mode():
+        llama(ids, cache=profiled)
+    rows = profiled.stored_rows()[:, 0, 0]
+    assert rows[0] > rows[1] > rows[2]
+
+
+def test_kvzip_needs_the_tokenizer_and_full_attention(llama, tokenizer):
+    with pytest.raises(ValueError, match="tokenizer="):
+        SqueezeCache(llama, "kvzip", 0.5)
+    with pytest.raises(ValueError, match="sliding-window"):
+        SqueezeCache(tiny_model("gemma3_text", num_hidden_layers=2), "kvzip", 0.5, tokenizer=tokenizer)
+
+
+def test_global_counts_keep_the_total_and_the_protected_rows():
+    g = torch.Generator().manual_seed(0)
+    ranked = [torch.rand(2, 3, 20, generator=g) for _ in range(4)]
+    ranked[1][:, :, 15:] = float("-inf")  # a shorter layer
+    ranked[2][:, 0, :2] = float("inf")  # protected rows
+    counts = global_counts(ranked, torch.tensor([5, 10]))
+    totals = sum(c.sum(-1) for c in counts)
+    assert totals.tolist() == [4 * 3 * 5, 3 * 3 * 10 + 3 * 10]
+    assert bool((counts[2][:, 0] >= 2).all())
+
+
+# ------------------------------------------------------------------ the learned scorer
+
+
+def test_kvzap_without_weights_names_the_calibrate_command(llama):
+    with pytest.raises(ValueError, match="kvsqueeze calibrate --model MODEL --method kvzap"):
+        SqueezeCache(llama, "kvzap", 0.5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_scorer_file_round_trips(tmp_path, kind):
+    g = torch.Generator().manual_seed(1)
+    if kind == "linear":
+        tensors = {"weight": torch.randn(3, 2, 8, generator=g), "bias": torch.randn(3, 2, generator=g)}
+    else:
+        tensors = {
+            "w1": torch.randn(3, 5, 8, generator=g),
+            "b1": torch.randn(3, 5, generator=g),
+            "w2": torch.randn(3, 2, 5, generator=g),
+            "b2": torch.randn(3, 2, generator=g),
+        }
+    weights = ScorerWeights(tensors, {"fingerprint": "abc", "model": "tiny"})
+    loaded = ScorerWeights.load(weights.save(tmp_path / "w.safetensors"))
+    assert loaded.kind == kind and loaded.metadata == weights.metadata
+    assert all(torch.equal(loaded.tensors[k], v) for k, v in weights.tensors.items())
+    x = torch.randn(4, 8, generator=g)
+    assert torch.equal(loaded.predict(1, x), weights.predict(1, x))
+    (tmp_path / "other.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a scorer weights file"):
+        ScorerWeights.load(tmp_path / "other.safetensors")
+
+
+def test_calibrate_end_to_end_and_resume(tmp_path, monkeypatch, tokenizer):
+    """The CLI fits weights for an HF folder; `--method kvzap` then finds them; an interrupted run resumes."""
+    from kvsqueeze.calibrate import fit
+    from kvsqueeze.cli.main import main
+    from kvsqueeze.models import load_model
+
+    monkeypatch.setenv("KVSQUEEZE_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny-llama"
+    tiny_model("llama", num_hidden_layers=2, seed=3).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    args = ["calibrate", "--model", str(folder), "--documents", "3", "--held-out", "1", "--tokens", "48"]
+
+    scored = []
+    real = fit.document_scores
+
+    def counted(*a, interrupt_at: int | None = None, **k):
+        scored.append(1)
+        if len(scored) == interrupt_at:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(fit, "document_scores", lambda *a, **k: counted(*a, interrupt_at=2, **k))
+    assert main(args) == 130  # interrupted while scoring the second document
+    scored.clear()
+    monkeypatch.setattr(fit, "document_scores", counted)
+    assert main(args) == 0
+    assert len(scored) == 2  # the first document was not scored again
+    model, tok = load_model(str(folder))
+    cache = SqueezeCache(model, "kvzap", 0.5, window=2)
+    ids = prompt_ids(tok, "some text to compress " * 4)
+    with torch.inference_mode():
+        model(ids, cache=cache)
+    assert cache.kv_nbytes() <= 0.55 * cache.full_nbytes()
+    weights = cache.method.fitted
+    assert weights.metadata["documents"] == "3" and int(weights.metadata["tokens"]) > 0
