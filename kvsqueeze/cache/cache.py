@@ -101,15 +101,12 @@ class SqueezeCache(Cache):
         self.group = LayerGroup(layers)
         for layer in layers:
             layer.group = self.group
+        # the method scores the prompt by replaying it after the prompt's forward pass (KVzip)
+        self.replays = bool(getattr(layers[0].components.scorer, "replays", False))
         if self.replays:
             self._check_replay(layer_types)
 
     # ------------------------------------------------------------ replay (KVzip)
-
-    @property
-    def replays(self) -> bool:
-        """True if the method scores the prompt by replaying it after the prompt's forward pass."""
-        return bool(getattr(self.method.components().scorer, "replays", False))
 
     def _check_replay(self, layer_types: list[str]) -> None:
         name = self.method.name

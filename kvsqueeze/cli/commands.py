@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import textwrap
 from pathlib import Path
@@ -75,11 +74,11 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_methods(args: argparse.Namespace) -> int:
-    from kvsqueeze.methods import METHODS
+    from kvsqueeze.methods import METHODS, hyperparameters
 
     for name in sorted(METHODS):
         cls = METHODS[name]
-        fields = dataclasses.fields(cls)
+        fields = hyperparameters(cls)
         params = ", ".join(f"{f.name}={f.default!r}" for f in fields) or "-"
         print(f"{name:<15} {cls.summary}")
         print(f"{'':<15} params: {params}")

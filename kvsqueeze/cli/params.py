@@ -45,13 +45,10 @@ def _method_key(method_name: str) -> str:
 
 
 def _hyperparameters(cls: type) -> list[dataclasses.Field]:
-    """The fields of ``cls`` that are hyperparameters: not internal state (``metadata={"internal": True}``)."""
-    from kvsqueeze.methods import base
+    """The fields of ``cls`` that are hyperparameters (not internal state such as loaded weights)."""
+    from kvsqueeze.methods import hyperparameters
 
-    select = getattr(base, "hyperparameters", None)
-    if select is not None:
-        return list(select(cls))
-    return [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+    return hyperparameters(cls)
 
 
 @functools.cache

@@ -74,17 +74,24 @@ class ReconstructionScorer(Scorer):
         in_chunk = (kpos >= start) & (kpos < end)
         sinks, replay = kpos < span.sink_end[:, None, None], kpos >= span.prompt_end[:, None, None]
         in_softmax = obs.key_valid & (in_chunk | sinks | replay)
-        keys_t = obs.keys.float().transpose(-1, -2)  # (B, H_kv, D, T)
+        # only the rows in the softmax take part: gather them (in storage order) to (B, H_kv, A)
+        width = int(in_softmax.sum(-1).max())
+        columns = in_softmax.to(torch.uint8).sort(dim=-1, descending=True, stable=True).indices[..., :width]
+        kept = torch.gather(in_softmax, 2, columns)  # (B, H_kv, A): False where a segment has fewer
+        kpos = torch.gather(kpos, 2, columns)
+        keys_t = torch.gather(obs.keys, 2, columns[..., None].expand(-1, -1, -1, d)).float().transpose(-1, -2)
         all_queries_valid = bool(obs.query_valid.all())
-        best = torch.zeros(b, h_kv, keys_t.shape[-1], dtype=torch.float32, device=keys_t.device)
+        best = torch.zeros(b, h_kv, width, dtype=torch.float32, device=keys_t.device)
         for s in range(0, q, REPLAY_CHUNK):
             e = min(q, s + REPLAY_CHUNK)
             queries = obs.query[:, :, s:e].float().reshape(b, h_kv, g * (e - s), d)  # heads of a group
-            logits = (queries @ keys_t).view(b, h_kv, g, e - s, -1) * obs.scaling  # (B, H_kv, g, qc, T)
-            causal = kpos[:, :, None, :] <= obs.query_positions[:, None, s:e, None]  # (B, H_kv, qc, T)
-            hidden = ~(in_softmax[:, :, None, :] & causal)
+            logits = (queries @ keys_t).view(b, h_kv, g, e - s, width) * obs.scaling  # (B, H_kv, g, qc, A)
+            causal = kpos[:, :, None, :] <= obs.query_positions[:, None, s:e, None]  # (B, H_kv, qc, A)
+            hidden = ~(kept[:, :, None, :] & causal)
             if not all_queries_valid:  # a padding query sees nothing (its row comes out all zero)
                 hidden |= ~obs.query_valid[:, None, s:e, None]
             probs = logits.masked_fill_(hidden[:, :, None], float("-inf")).softmax(dim=-1)
             best = torch.maximum(best, probs.nan_to_num_(nan=0.0).amax(dim=(2, 3)))
-        return best * (in_chunk & obs.key_valid)
+        scores = torch.zeros(b, h_kv, obs.keys.shape[2], dtype=torch.float32, device=keys_t.device)
+        scores.scatter_(2, columns, best * kept)
+        return scores * in_chunk

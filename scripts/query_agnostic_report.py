@@ -1,0 +1,163 @@
+"""Query-agnostic compression on the 4k suite: native kvzip and the learned kvzap beside the full cache, SnapKV
+and kvpress's KVzip, at REPEAT_SAMPLES samples per task, and write its block in docs/RESULTS.md.
+
+    .venv/bin/python scripts/query_agnostic_report.py --write                     # every stage, then publish
+    .venv/bin/python scripts/query_agnostic_report.py --stages query_agnostic     # one stage now
+    .venv/bin/python scripts/query_agnostic_report.py --stages '' --write         # publish what is on disk
+
+Records go to docs/bench/repeats (beside the 3-sample full-cache records the quantization rows use, which
+they share), so an interrupted run resumes and nothing is computed twice. Stages: ``query_agnostic``
+(kvzip and kvzap at 0.1 and 0.25), ``kvpress`` (kvpress's KVzip on the same samples, its own venv),
+``query_aware`` (kvzip, kvzap and SnapKV with the question inside the compressed prompt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import kvsqueeze
+from kvsqueeze.bench import TASKS
+from kvsqueeze.bench.report import markdown_table, mean_of, paired_table, replace_block
+from kvsqueeze.bench.runner import BenchConfig, MethodSpec, load_records, run_bench
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "docs" / "bench" / "repeats"
+MODEL = "qwen2.5-coder-0.5b"
+COMMAND = ".venv/bin/python scripts/query_agnostic_report.py --write"
+REPEAT_SAMPLES = 3
+BUDGETS = (0.1, 0.25)
+STAGES = ("query_agnostic", "kvpress", "query_aware")
+ROWS = {"query_agnostic": ("kvzip", "kvzap"), "query_aware": ("kvzip", "kvzap", "snapkv")}
+
+
+def config(setting: str) -> BenchConfig:
+    return BenchConfig(
+        methods=[MethodSpec(name) for name in ROWS[setting]],
+        budgets=list(BUDGETS),
+        tasks=sorted(TASKS),
+        lengths=[4096],
+        num_samples=REPEAT_SAMPLES,
+        seed=0,
+        haystack="pydocs",
+        settings=[setting],
+        fidelity_tokens=64,
+    )
+
+
+def kvpress_records() -> list[dict]:
+    import json
+
+    records = []
+    for path in sorted((OUT / "kvpress" / "query_agnostic").rglob("*.json")):
+        records += [r for r in json.loads(path.read_text())["records"] if r["method"] == "kvzip"]
+    return records
+
+
+def sample_zero_lines(records: list[dict]) -> list[str]:
+    """Score per task on sample 0 beside kvpress's KVzip from the published grid (docs/bench/kvpress, which
+    ran sample 0 only), average over the tasks both have."""
+    import json
+
+    theirs = {}
+    for path in sorted((OUT.parent / "kvpress" / "query_agnostic").rglob("*.json")):
+        for r in json.loads(path.read_text())["records"]:
+            if r["method"] == "kvzip":
+                theirs[(r["task"], r["budget"])] = r["score"]
+    ours: dict[tuple[str, float], dict[str, float]] = {}
+    for r in records:
+        if r.get("source", "kvsqueeze") == "kvsqueeze" and r["method"] in ("kvzip", "kvzap", "full"):
+            ours.setdefault((r["method"], r["budget"]), {})[r["task"]] = r["samples"][0]["score"]
+    tasks = sorted({t for by_task in ours.values() for t in by_task})
+    if not tasks:
+        return []
+    lines = [
+        "| row | keep | " + " | ".join(tasks) + " | avg |",
+        "| --- | --- | " + " | ".join("---:" for _ in tasks) + " | ---: |",
+    ]
+    rows = [(f"kvsqueeze {m}", b, ours[(m, b)]) for m, b in sorted(ours)]
+    rows += [("kvpress kvzip", b, {t: theirs[(t, b)] for t in tasks if (t, b) in theirs}) for b in BUDGETS]
+    for label, budget, by_task in rows:
+        cells = [f"{100 * by_task[t]:.0f}" if t in by_task else "-" for t in tasks]
+        average = mean_of(by_task[t] for t in tasks if t in by_task)
+        lines.append(f"| {label} | {budget:g} | " + " | ".join(cells) + f" | {100 * average:.0f} |")
+    return lines
+
+
+def overhead_lines(records: list[dict]) -> list[str]:
+    """Prefill plus compression against a plain prefill, per row (mean over its tasks)."""
+    rows: dict[tuple[str, str, float], list[float]] = {}
+    for r in records:
+        rows.setdefault((r.get("source", "kvsqueeze"), r["method"], r["budget"]), []).append(
+            r.get("compression_overhead", 0.0)
+        )
+    lines = [
+        "| source | method | keep | (prefill + compression) / plain prefill |",
+        "| --- | --- | --- | ---: |",
+    ]
+    for (source, method, budget), values in sorted(rows.items()):
+        if method != "full":
+            lines.append(f"| {source} | {method} | {budget:g} | {1 + mean_of(values):.2f}x |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--write", action="store_true", help="replace the query_agnostic block in docs/RESULTS.md"
+    )
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)}")
+    args = parser.parse_args()
+    stages = [s for s in args.stages.split(",") if s]
+    started = time.perf_counter()
+    model, tokenizer = kvsqueeze.load_model(MODEL) if stages else (None, None)
+    for setting in ("query_agnostic", "query_aware"):
+        if setting in stages:
+            run_bench(model, tokenizer, config(setting), OUT, model_name=MODEL)
+    if "kvpress" in stages:
+        from kvsqueeze.bench.baseline import run_kvpress_baseline
+
+        run_kvpress_baseline(model, tokenizer, config("query_agnostic"), OUT, MODEL, presses=("kvzip",))
+    lines = [
+        f"Model `{MODEL}` (fp32, 2 CPU threads), 4096-token contexts, samples 0 to {REPEAT_SAMPLES - 1} of every "
+        f"task (seed 0, `pydocs` haystack), keep ratios {', '.join(f'{b:g}' for b in BUDGETS)}. Command: "
+        f"`{COMMAND}` (resumable; this invocation took {(time.perf_counter() - started) / 60:.0f} min). "
+        "The full-cache rows are the repeats section's own records (the same samples).",
+    ]
+    for setting in ("query_agnostic", "query_aware"):
+        records = load_records(config(setting), OUT)
+        if setting == "query_agnostic":
+            records += kvpress_records()
+        lines += [
+            "",
+            f"### {setting}",
+            "",
+            markdown_table(records, setting) if records else "_not run yet_",
+            "",
+            "Sample by sample against the full cache (same samples):",
+            "",
+            paired_table(records) if records else "_not run yet_",
+            "",
+            *overhead_lines(records),
+        ]
+        if setting == "query_agnostic":
+            zero = sample_zero_lines(records)
+            if zero:
+                lines += [
+                    "",
+                    "Sample 0 of each task beside kvpress's KVzip, which the published grid ran on sample 0 "
+                    "only (`docs/bench/kvpress`, same model, samples and ratios; its rows mask evicted keys):",
+                    "",
+                    *zero,
+                ]
+    body = "\n".join(lines)
+    print(body)
+    if args.write:
+        replace_block(ROOT / "docs" / "RESULTS.md", "query_agnostic", body)
+
+
+if __name__ == "__main__":
+    main()
