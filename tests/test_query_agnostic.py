@@ -262,3 +262,17 @@ def test_calibrate_end_to_end_and_resume(tmp_path, monkeypatch, tokenizer):
     assert cache.kv_nbytes() <= 0.55 * cache.full_nbytes()
     weights = cache.method.fitted
     assert weights.metadata["documents"] == "3" and int(weights.metadata["tokens"]) > 0
+
+
+def test_shipped_weights_serve_the_packaged_model(smollm2):
+    """A fresh machine runs kvzap on the packaged SmolLM2 with no calibration step."""
+    import kvsqueeze
+    from kvsqueeze.models.fingerprint import model_fingerprint
+    from kvsqueeze.weights import shipped_weights
+
+    model, tokenizer = smollm2
+    shipped = {ScorerWeights.load(p).fingerprint for p in shipped_weights("kvzap")}
+    assert model_fingerprint(model) in shipped
+    prompt = "The locker code is 4471. The weather was mild and the meeting ran long. " * 8
+    result = kvsqueeze.generate(model, tokenizer, prompt, "kvzap", 0.5, max_new_tokens=4)
+    assert result.cache_bytes < 0.6 * result.full_cache_bytes
