@@ -14,7 +14,6 @@ they share), so an interrupted run resumes and nothing is computed twice. Stages
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import kvsqueeze
@@ -112,7 +111,6 @@ def main() -> None:
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)}")
     args = parser.parse_args()
     stages = [s for s in args.stages.split(",") if s]
-    started = time.perf_counter()
     model, tokenizer = kvsqueeze.load_model(MODEL) if stages else (None, None)
     for setting in ("query_agnostic", "query_aware"):
         if setting in stages:
@@ -124,13 +122,16 @@ def main() -> None:
     lines = [
         f"Model `{MODEL}` (fp32, 2 CPU threads), 4096-token contexts, samples 0 to {REPEAT_SAMPLES - 1} of every "
         f"task (seed 0, `pydocs` haystack), keep ratios {', '.join(f'{b:g}' for b in BUDGETS)}. Command: "
-        f"`{COMMAND}` (resumable; this invocation took {(time.perf_counter() - started) / 60:.0f} min). "
+        f"`{COMMAND}` (resumable from its run records). "
         "The full-cache rows are the repeats section's own records (the same samples).",
     ]
     for setting in ("query_agnostic", "query_aware"):
         records = load_records(config(setting), OUT)
         if setting == "query_agnostic":
             records += kvpress_records()
+        if not any(r["method"] != "full" for r in records):
+            lines += ["", f"### {setting}", "", f"_not run yet: `--stages {setting}`_"]
+            continue
         lines += [
             "",
             f"### {setting}",

@@ -83,10 +83,13 @@ def paired_table(records: list[dict], baseline: str = "full") -> str:
     the difference; what is left says how far apart two rows can be before the sample count tells them
     apart.
     """
-    samples: dict[str, dict[str, dict]] = defaultdict(dict)  # method -> sample id -> sample
+    samples: dict[str, dict[str, dict]] = defaultdict(dict)  # row -> sample id -> sample
     for record in records:
+        budget = record.get("budget", 1.0)
+        # one row per keep ratio
+        row = record["method"] if budget == 1 else f"{record['method']} @ {budget:g}"
         for sample in record["samples"]:
-            samples[record["method"]][sample["sample_id"]] = sample
+            samples[row][sample["sample_id"]] = sample
     if baseline not in samples:
         return f"_no {baseline} records to pair with_"
     lines = [
