@@ -86,7 +86,7 @@ def _docstring_sentences(source: str) -> Iterator[str]:
                     yield sentence
 
 
-def _stdlib_source_files() -> list[Path]:
+def stdlib_source_files() -> list[Path]:
     """Source files of the pure-Python standard library, in sorted module-name order."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files: list[Path] = []
@@ -113,7 +113,7 @@ class _PydocsCorpus:
     def ensure(self, min_words: int) -> None:
         """Read more source files until the corpus has ``min_words`` words or the library is exhausted."""
         if self._pending is None:
-            self._pending = _stdlib_source_files()[::-1]
+            self._pending = stdlib_source_files()[::-1]
         while self.num_words < min_words and self._pending:
             path = self._pending.pop()
             try:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 from transformers import PreTrainedTokenizerBase
 
-from kvsqueeze.bench.haystack import _stdlib_source_files, get_haystack_sentences
+from kvsqueeze.bench.haystack import get_haystack_sentences, stdlib_source_files
 
 KINDS = ("pydocs", "source", "reference")
 PYDOCS_SKIP_WORDS = 50_000  # the bench's haystacks come from the corpus' start
@@ -34,7 +34,7 @@ def _pydocs_texts() -> Iterator[str]:
 
 
 def _source_texts() -> Iterator[str]:
-    for path in reversed(_stdlib_source_files()):  # from the end: the docstring corpus reads from the start
+    for path in reversed(stdlib_source_files()):  # from the end: the docstring corpus reads from the start
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
