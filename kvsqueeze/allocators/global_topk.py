@@ -62,23 +62,10 @@ def global_counts(ranked: list[torch.Tensor], budget: torch.Tensor) -> list[torc
     stored = [(r > float("-inf")).sum(-1) for r in ranked]  # (B, H_kv) per layer
     totals = sum(s.clamp(max=budget[:, None]).sum(-1) for s in stored)  # (B,)
     flat = torch.cat([r.reshape(b, -1) for r in ranked], dim=1)  # (B, sum_l H_kv * T_l)
-    owner = torch.cat(  # which (layer, head) segment every flat slot belongs to
-        [
-            torch.arange(r.shape[1], device=r.device).repeat_interleave(r.shape[2]) + offset
-            for r, offset in zip(ranked, _offsets(ranked), strict=True)
-        ]
-    )
-    segments = sum(r.shape[1] for r in ranked)
-    counts = torch.zeros(b, segments, dtype=torch.long, device=flat.device)
+    widths = torch.tensor([r.shape[2] for r in ranked for _ in range(r.shape[1])], device=flat.device)
+    owner = torch.arange(len(widths), device=flat.device).repeat_interleave(widths)  # (layer, head) of a slot
+    counts = torch.zeros(b, len(widths), dtype=torch.long, device=flat.device)
     for i in range(b):
         top = flat[i].sort(descending=True, stable=True).indices[: int(totals[i])]  # ties: storage order
-        counts[i] = torch.bincount(owner[top], minlength=segments)
+        counts[i] = torch.bincount(owner[top], minlength=len(widths))
     return list(counts.split([r.shape[1] for r in ranked], dim=1))
-
-
-def _offsets(ranked: list[torch.Tensor]) -> list[int]:
-    out, total = [], 0
-    for r in ranked:
-        out.append(total)
-        total += r.shape[1]
-    return out

@@ -102,7 +102,8 @@ class SqueezeCache(Cache):
         for layer in layers:
             layer.group = self.group
         # the method scores the prompt by replaying it after the prompt's forward pass (KVzip)
-        self.replays = bool(getattr(layers[0].components.scorer, "replays", False))
+        scorer = layers[0].components.scorer
+        self.replays = scorer is not None and scorer.replays
         if self.replays:
             self._check_replay(layer_types)
 
@@ -179,7 +180,7 @@ class SqueezeCache(Cache):
         """
         built = get_method(method, **params)
         scorer = built.components().scorer
-        if not getattr(scorer, "replays", False):
+        if scorer is None or not scorer.replays:
             raise ValueError(f"{built.name} does not score by replaying the prompt")
         if scorer.key not in self._replays:
             self.fork(built, 1.0)

@@ -71,7 +71,7 @@ class SqueezeLayer(CacheLayerMixin):
             scorer.stateful or (allocator is not None and allocator.uses_statistics)
         )
         # the attention input (B, q, D_model), set by a hook for learned scorers and recorded prefills
-        self.wants_hidden_states = record_prefill or getattr(scorer, "needs_hidden_states", False)
+        self.wants_hidden_states = record_prefill or (scorer is not None and scorer.needs_hidden_states)
         self.hidden_states: torch.Tensor | None = None
         self._reset_state()
 
@@ -347,7 +347,8 @@ class SqueezeLayer(CacheLayerMixin):
         A prompt scored by a replay (KVzip) waits: the cache replays it once every layer has it, then
         :meth:`compress_scored` evicts and quantizes what stays (so the replay reads full-precision rows).
         """
-        if obs.is_prefill and getattr(self.components.scorer, "replays", False):
+        scorer = self.components.scorer
+        if obs.is_prefill and scorer is not None and scorer.replays:
             self._awaiting_replay = obs if self.components.quantize is not None else None
             return
         self._compress(obs)

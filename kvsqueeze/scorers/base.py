@@ -26,6 +26,8 @@ class Scorer(ABC):
     name: ClassVar[str] = "scorer"
     stateful: ClassVar[bool] = False
     needs_attention: ClassVar[bool] = True  # False for scorers that never look at queries
+    needs_hidden_states: ClassVar[bool] = False  # True: the attention's input is handed to the layer (KVzap)
+    replays: ClassVar[bool] = False  # True: scored after the prompt by replaying it (KVzip), not in its call
 
     def select_batch(self, indices: torch.Tensor) -> None:
         """Keep the per-sequence state of sequences ``indices`` (beam reordering); stateless: nothing."""
