@@ -89,3 +89,29 @@ def test_decoding_is_a_fifo_past_a_frozen_prefix(model):
         assert after[:frozen] == before[:frozen]  # the compressed prompt before d never changes
         tail = after[frozen:]
         assert tail == sorted(tail) and tail[-1] == 269  # the rest is the newest rows, in order
+
+
+def test_a_multi_token_call_deletes_one_row_per_head(model):
+    """The official hook deletes one row per forward call: a 20-token chunk after the prompt grows each
+    head by 19, and the one-token steps after it delete one row each (size steady) until the rate holds."""
+    ids, _ = left_padded_batch([240], seed=18)
+    chunk = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(3))
+    cache = SqueezeCache(model, "prefixkv", 0.3)
+    with torch.inference_mode():
+        model(ids, cache=cache)
+        before = cache.stored_rows()[:, 0].clone()  # (N, H_kv)
+        prompt_kept = [layer.kept_positions()[0][0] for layer in cache.layers]
+        token = model(chunk, cache=cache).logits[:, -1:].argmax(-1)
+        after_chunk = cache.stored_rows()[:, 0].clone()
+        assert bool((after_chunk == before + 19).all())  # one deletion per layer and head, not ~14
+        for layer, kept in zip(cache.layers, prompt_kept, strict=True):
+            rows = layer.kept_positions()[0][0]
+            assert rows[-20:] == list(range(240, 260))  # the chunk is all kept
+            assert len(set(kept) - set(rows)) == 1  # one prompt row went, the oldest past the frozen prefix
+            frozen = len(kept) - 25 if len(kept) - 25 >= 1 else len(kept) // 2
+            assert rows[:frozen] == kept[:frozen] and kept[frozen] not in rows
+        for step in range(10):
+            token = model(token, cache=cache).logits[:, -1:].argmax(-1)
+            rows = cache.stored_rows()[:, 0]
+            rate = before * (260 + step + 1) // 240  # (1 - r_l) * tokens seen
+            assert bool((rows == torch.maximum(after_chunk, rate)).all())

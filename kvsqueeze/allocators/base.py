@@ -44,9 +44,14 @@ class Allocator:
         return request.budget.clone()
 
     def decode_budget(
-        self, prefill_budget: torch.Tensor, prompt_lengths: torch.Tensor, tokens_seen: torch.Tensor
+        self,
+        prefill_budget: torch.Tensor,
+        prompt_lengths: torch.Tensor,
+        tokens_seen: torch.Tensor,
+        stored: torch.Tensor,
     ) -> torch.Tensor:
-        """Rows per head (B,) a layer may hold while decoding; by default what it kept of the prompt."""
+        """Rows per head (B,) a layer may hold after a call past the prompt; by default what it kept of
+        the prompt. ``stored`` (B,) is the most rows a head of the layer holds now, this call's included."""
         return prefill_budget
 
     def layer_statistic(self, obs: Observation, scores: torch.Tensor) -> torch.Tensor:

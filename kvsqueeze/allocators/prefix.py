@@ -6,8 +6,12 @@ For a level ``p``: ``n_l(p) = #{k : C_l(k) < p}`` and ``forget_l(p) = max(0, L -
 (4 sinks and the last token are protected). Bisection on ``p`` in [0, 1] (at most 50 steps) makes
 ``F(p) = sum_l forget_l(p)`` reach ``T = r * N * L`` within 5 tokens, ``r`` the evicted fraction
 (1 - budget / L); then ``forget_l <- int(forget_l * T / F)`` and layer ``l`` keeps ``L - forget_l``.
-Planned once, when the last layer has prefilled. While decoding, each layer keeps about
-``(1 - r_l) * tokens seen`` rows (one deletion per step at most).
+Planned once, when the last layer has prefilled. After the prompt, each forward call deletes at most one
+row per layer and head, however many tokens it carries, while the layer holds more than
+``(1 - r_l) * tokens seen`` rows: the official hook (THU-MIG/PrefixKV, ``prefixkv.py``, called after each
+forward) deletes one row per call. A multi-token call (a chat template's end and an answer prefix) grows
+the cache by the rest, and the following one-token steps delete one row each while adding one, until the
+layer is back at its rate.
 """
 
 from __future__ import annotations
@@ -93,7 +97,13 @@ class PrefixAllocator(Allocator):
         return {layer: budgets[layer] for layer in range(n)}
 
     def decode_budget(
-        self, prefill_budget: torch.Tensor, prompt_lengths: torch.Tensor, tokens_seen: torch.Tensor
+        self,
+        prefill_budget: torch.Tensor,
+        prompt_lengths: torch.Tensor,
+        tokens_seen: torch.Tensor,
+        stored: torch.Tensor,
     ) -> torch.Tensor:
-        """``(1 - r_l) * tokens seen``: the layer grows at the rate it kept the prompt."""
-        return torch.div(prefill_budget * tokens_seen, prompt_lengths.clamp(min=1), rounding_mode="floor")
+        """``(1 - r_l) * tokens seen``, the rate the layer kept the prompt at, but one deletion per call:
+        never below ``stored - 1``."""
+        rate = torch.div(prefill_budget * tokens_seen, prompt_lengths.clamp(min=1), rounding_mode="floor")
+        return torch.maximum(rate, stored - 1)

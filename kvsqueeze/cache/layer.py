@@ -367,8 +367,9 @@ class SqueezeLayer(CacheLayerMixin):
             if obs.is_prefill:
                 self._set_budget(comp.allocator.layer_budget(self._request()))
             else:
+                stored = self.rows.lengths.view(obs.batch_size, -1).amax(-1)  # (B,)
                 self.layer_budget = comp.allocator.decode_budget(
-                    self.prefill_budget, self.prompt_lengths, self.tokens_seen()
+                    self.prefill_budget, self.prompt_lengths, self.tokens_seen(), stored
                 )
             self._score_and_select(obs)
         self.compression_seconds += time.perf_counter() - start

@@ -5,8 +5,9 @@ token always kept, bisection tolerance 5 tokens (capped at 50 steps here), decod
 budget is the average kept per layer (the code's ``ratio`` is the evicted fraction: ``1 - budget``).
 Each layer keeps the top-ranked rows covering the common level of its importance mass, so layers whose
 attention is spread keep more. Importance is shared by a layer's heads (the selection is too). The
-search runs per prompt (online); while decoding, each layer keeps its ratio of the tokens seen by deleting
-at a fixed index, which freezes the compressed prompt before it.
+search runs per prompt (online); after the prompt, each layer keeps its ratio of the tokens seen by
+deleting at a fixed index, which freezes the compressed prompt before it, one row per forward call as the
+official hook does (a multi-token call grows the cache by the rest).
 """
 
 from __future__ import annotations

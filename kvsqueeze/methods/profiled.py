@@ -88,11 +88,15 @@ class ProfileAllocator(Allocator):
         return torch.tensor(out, dtype=torch.long, device=request.budget.device)
 
     def decode_budget(
-        self, prefill_budget: torch.Tensor, prompt_lengths: torch.Tensor, tokens_seen: torch.Tensor
+        self,
+        prefill_budget: torch.Tensor,
+        prompt_lengths: torch.Tensor,
+        tokens_seen: torch.Tensor,
+        stored: torch.Tensor,
     ) -> torch.Tensor:
         if self.inner is None:
             return prefill_budget
-        return self.inner.decode_budget(prefill_budget, prompt_lengths, tokens_seen)
+        return self.inner.decode_budget(prefill_budget, prompt_lengths, tokens_seen, stored)
 
 
 @dataclass
