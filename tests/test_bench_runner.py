@@ -10,7 +10,7 @@ import torch
 from kvsqueeze.bench import Sample
 from kvsqueeze.bench.prompts import encode_sample
 from kvsqueeze.bench.report import markdown_table, paired_table, plot_results, ratio_summary, replace_block
-from kvsqueeze.bench.runner import BenchConfig, MethodSpec, fidelity, run_bench
+from kvsqueeze.bench.runner import BenchConfig, MethodSpec, fidelity, load_records, run_bench
 from kvsqueeze.models.tiny import tiny_model
 
 
@@ -207,3 +207,21 @@ def test_paired_table_compares_rows_on_the_samples_both_ran():
     # differences 0, -100, +100, -50: mean -12.5, sample standard deviation 85.4, over sqrt(4)
     assert lines[2] == "| `quant` | 4 | -12.5 | 42.7 | 2 | 1 | 0.500 |"
     assert paired_table(records[2:]) == "_no full records to pair with_"
+
+
+def test_more_samples_compute_only_the_new_ones(model_and_tokenizer, tmp_path):
+    """A run asked for more samples than its records hold adds only those; fewer reads the first ones."""
+    model, tokenizer = model_and_tokenizer
+    small = config(settings=["query_agnostic"], tasks=["niah_single_number"], budgets=[0.25], num_samples=1)
+    large = config(settings=["query_agnostic"], tasks=["niah_single_number"], budgets=[0.25], num_samples=3)
+    run_bench(model, tokenizer, small, tmp_path / "grown", progress=False)
+    first = {p.name: json.loads(p.read_text()) for p in (tmp_path / "grown").rglob("*.json")}
+    grown = run_bench(model, tokenizer, large, tmp_path / "grown", progress=False)
+    scratch = run_bench(model, tokenizer, large, tmp_path / "scratch", progress=False)
+    key = lambda rs: sorted((r["method"], r["num_samples"], r["score"], r["kl"]) for r in rs)  # noqa: E731
+    assert key(grown) == key(scratch) and all(r["num_samples"] == 3 for r in grown)
+    for record in grown:  # the first sample is the one recorded before, untouched
+        before = first[f"{record['method']}@{record['budget']:g}.json"]["samples"][0]
+        assert record["samples"][0] == before
+    cut = load_records(small, tmp_path / "grown")  # a smaller config reads its own first samples
+    assert key(cut) == key(first.values())

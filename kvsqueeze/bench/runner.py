@@ -10,8 +10,9 @@ budget) gets:
 * stored bytes of the compressed context (from the tensors, as kvpress reports them), decode tokens/s,
   and the compression overhead (time spent scoring and selecting, as a share of the shared prefill).
 
-Results go to ``<out>/runs/<setting>/<task>/<length>/<method>@<budget>.json``; a run whose JSON exists is
-skipped, so an interrupted benchmark resumes where it stopped.
+Results go to ``<out>/runs/<setting>/<task>/<length>/<method>@<budget>.json``, rewritten after every
+sample; a run resumes from the samples its JSON holds, so an interrupted benchmark goes on where it stopped
+and a larger ``num_samples`` computes only the new samples.
 """
 
 from __future__ import annotations
@@ -295,7 +296,12 @@ def run_bench(
     samples_for: Callable[[str, int], list[Sample]] | None = None,
     progress: bool = True,
 ) -> list[dict]:
-    """Run (or resume) the benchmark; returns one summary record per (setting, task, length, method, budget)."""
+    """Run (or resume) the benchmark; returns one summary record per (setting, task, length, method, budget).
+
+    Samples run in rounds: sample 0 of every group, then sample 1 of every group, ..., and each record is
+    written after every sample it gains. An interrupted run loses at most the sample it was in, leaves every
+    group within one sample of the others, and a later run with more samples computes only the new ones.
+    """
     from tqdm.auto import tqdm
 
     text_config = model.config.get_text_config(decoder=True)
@@ -303,62 +309,66 @@ def run_bench(
     runs = iterate_runs(config)
     make_samples = samples_for or generated_samples(config, tokenizer)
     groups = [(s, t, n) for s in config.settings for t in config.tasks for n in config.lengths]
-    todo = {
-        group: [(spec, b) for spec, b in runs if not run_path(out, *group, spec.label, b).exists()]
+    outcomes = {  # what each run of each group has so far, in sample order
+        group: {(spec.label, b): _recorded_outcomes(run_path(out, *group, spec.label, b)) for spec, b in runs}
         for group in groups
+    }
+    pending = {
+        (task, length)
+        for (setting, task, length) in groups
+        if config.num_samples is None
+        or any(len(o) < config.num_samples for o in outcomes[(setting, task, length)].values())
     }
     # The samples of every (task, length) with runs to do, made before the first run (settings share
     # them) so the progress bar knows its total: one tick per (method, budget) run of a sample.
-    pending = {(task, length) for (_, task, length), left in todo.items() if left}
     sample_sets = {
         (t, n): make_samples(t, n) for t in config.tasks for n in config.lengths if (t, n) in pending
     }
-    finished = {group: _load_records(out, *group, runs) for group in groups if not todo[group]}
-    sizes = {
-        group: len(sample_sets[group[1:]])
-        if todo[group]
-        else max((r["num_samples"] for r in finished[group]), default=0)
-        for group in groups
+    wanted = {  # samples each group's runs end with
+        g: len(sample_sets[g[1:]]) if g[1:] in pending else max(map(len, outcomes[g].values()))
+        for g in groups
     }
-    records: list[dict] = []
-    bar = tqdm(total=sum(sizes.values()) * len(runs), disable=not progress, desc="bench", unit="run")
-    for group in groups:
-        setting, task, length = group
-        if not todo[group]:
-            bar.update(sizes[group] * len(runs))
-            records.extend(finished[group])
-            continue
-        per_run: dict[tuple[str, float], list[SampleOutcome]] = {
-            (spec.label, b): [] for spec, b in todo[group]
-        }
-        samples = sample_sets[(task, length)]
-        if len(todo[group]) < len(runs):  # runs of this group recorded earlier
-            bar.update(len(samples) * (len(runs) - len(todo[group])))
-        for index, sample in enumerate(samples):
-            encoded = encode_sample(tokenizer, sample, setting)
-            outcomes = run_sample(
+    total = sum(max(wanted[g], len(o)) for g in groups for o in outcomes[g].values())
+    done = sum(min(wanted[g], len(o)) for g in groups for o in outcomes[g].values())
+    bar = tqdm(total=total, initial=done, disable=not progress, desc="bench", unit="run")
+    for index in range(max(wanted.values(), default=0)):
+        for group in groups:
+            setting, task, length = group
+            left = [(spec, b) for spec, b in runs if len(outcomes[group][(spec.label, b)]) == index]
+            if index >= wanted[group] or not left or group[1:] not in pending:
+                continue
+            sample = sample_sets[(task, length)][index]
+            results = run_sample(
                 model,
                 tokenizer,
                 sample,
-                encoded,
-                todo[group],
+                encode_sample(tokenizer, sample, setting),
+                left,
                 answer_tokens(config, task),
                 config.fidelity_tokens,
                 f"{task}-{length}-{index}",
                 on_run=lambda: bar.update(1),
             )
-            for key, value in outcomes.items():
-                per_run[key].append(value)
-        for spec, budget in todo[group]:
-            record = _summarize(
-                per_run[(spec.label, budget)], setting, task, length, spec, budget, model_name, config
-            )
-            path = run_path(out, setting, task, length, spec.label, budget)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(record, indent=1))
-        records.extend(_load_records(out, setting, task, length, runs))
+            for spec, budget in left:
+                so_far = outcomes[group][(spec.label, budget)]
+                so_far.append(results[(spec.label, budget)])
+                record = _summarize(so_far, setting, task, length, spec, budget, model_name, config)
+                path = run_path(out, setting, task, length, spec.label, budget)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(record, indent=1))
     bar.close()
-    return records
+    return [
+        record
+        for setting, task, length in groups
+        for record in _load_records(out, setting, task, length, runs, config.num_samples)
+    ]
+
+
+def _recorded_outcomes(path: Path) -> list[SampleOutcome]:
+    """The samples a run record holds (none if it was never written)."""
+    if not path.exists():
+        return []
+    return [SampleOutcome(**sample) for sample in json.loads(path.read_text())["samples"]]
 
 
 def _summarize(
@@ -373,7 +383,6 @@ def _summarize(
 ) -> dict:
     import kvsqueeze
 
-    prefill = mean_of(o.prefill_seconds for o in outcomes)
     return {
         "source": "kvsqueeze",
         "version": kvsqueeze.__version__,
@@ -385,6 +394,14 @@ def _summarize(
         "budget": budget,
         "seed": config.seed,
         "haystack": config.haystack,
+        **_statistics(outcomes, length),
+    }
+
+
+def _statistics(outcomes: list[SampleOutcome], length: int) -> dict:
+    """A record's figures over its samples, and the samples themselves."""
+    prefill = mean_of(o.prefill_seconds for o in outcomes)
+    return {
         "num_samples": len(outcomes),
         "score": mean_of(o.score for o in outcomes),
         "kl": mean_of(o.kl for o in outcomes),
@@ -402,23 +419,34 @@ def _summarize(
 
 
 def load_records(config: BenchConfig, out: Path) -> list[dict]:
-    """The records of ``config`` already written under ``out`` (all of them once a run has finished)."""
+    """The records of ``config`` already written under ``out`` (all of them once a run has finished), each
+    cut to the config's first ``num_samples`` samples if it holds more."""
     runs = iterate_runs(config)
     return [
         record
         for setting in config.settings
         for task in config.tasks
         for length in config.lengths
-        for record in _load_records(out, setting, task, length, runs)
+        for record in _load_records(out, setting, task, length, runs, config.num_samples)
     ]
 
 
 def _load_records(
-    out: Path, setting: str, task: str, length: int, runs: list[tuple[MethodSpec, float]]
+    out: Path,
+    setting: str,
+    task: str,
+    length: int,
+    runs: list[tuple[MethodSpec, float]],
+    num_samples: int | None,
 ) -> list[dict]:
     records = []
     for spec, budget in runs:
         path = run_path(out, setting, task, length, spec.label, budget)
-        if path.exists():
-            records.append(json.loads(path.read_text()))
+        if not path.exists():
+            continue
+        record = json.loads(path.read_text())
+        if num_samples is not None and record["num_samples"] > num_samples:
+            first = [SampleOutcome(**sample) for sample in record["samples"][:num_samples]]
+            record = {**record, **_statistics(first, record["length"])}
+        records.append(record)
     return records
