@@ -74,3 +74,9 @@ def test_entry_point_runs_without_traceback():
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "unknown method" in proc.stderr
+
+
+def test_info_in_bfloat16_halves_the_bytes_per_token(capsys):
+    assert main(["info", "--dtype", "bfloat16"]) == 0
+    out = capsys.readouterr().out
+    assert "bfloat16" in out and f"{30 * 3 * 64 * 2 * 2:,}" in out

@@ -28,10 +28,15 @@ def _read_prompt(args: argparse.Namespace) -> str:
     return sys.stdin.read()
 
 
+DTYPES = ("float32", "bfloat16", "float16")  # --dtype: torch dtypes by name (torch loads later)
+
+
 def _load(args: argparse.Namespace):
+    import torch
+
     from kvsqueeze.models import DEFAULT_MODEL, load_model
 
-    return load_model(args.model or DEFAULT_MODEL)
+    return load_model(args.model or DEFAULT_MODEL, dtype=getattr(torch, getattr(args, "dtype", "float32")))
 
 
 def _method(args: argparse.Namespace) -> Method:

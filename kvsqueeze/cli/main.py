@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from kvsqueeze.cli import calibrate, commands
+from kvsqueeze.cli.commands import DTYPES
 from kvsqueeze.cli.params import parse_assignment
 
 
@@ -29,6 +30,12 @@ def _param(text: str) -> tuple[str, str]:
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", "-m", default=None, help="alias, GGUF path, HF folder or hub id (default: smollm2-135m)"
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=DTYPES,
+        help="weights and activations (default: float32; bfloat16 is faster on CPUs with AVX512-BF16 or AMX)",
     )
 
 
