@@ -91,6 +91,21 @@ def test_kvzip_scores_match_reference(llama, tokenizer, chunk_size):
     assert bool((got[finite] > 0).all())  # every context row is scored by some round
 
 
+def test_kvzip_scores_the_header_only_when_told(llama, tokenizer):
+    """keep_header=False leaves the template's header at score 0 (no replay repeats it), as KVzip's code."""
+    ids = prompt_ids(tokenizer, "The code for the north gate is 7302. " * 4)
+    source = SqueezeCache(llama, "full", record_prefill=True, tokenizer=tokenizer)
+    with torch.inference_mode():
+        llama(ids, cache=source)
+    kept = torch.stack([s[0] for s in source.replay_scores("kvzip", chunk_size=1000)])
+    free = torch.stack([s[0] for s in source.replay_scores("kvzip", chunk_size=1000, keep_header=False)])
+    header = len(ReplayText.for_tokenizer(tokenizer).header)
+    assert header > 4 and bool(torch.isinf(kept[..., :header]).all()) and bool((free[..., :header] == 0).all())
+    assert torch.equal(kept[..., header:], free[..., header:])
+    compressed = source.fork("kvzip", 0.5, keep_header=False)
+    assert compressed.nbytes() < source.nbytes()
+
+
 def test_replay_leaves_the_source_untouched(llama, tokenizer):
     ids = prompt_ids(tokenizer, "alpha beta gamma delta " * 5)
     source = SqueezeCache(llama, "full", record_prefill=True, tokenizer=tokenizer)

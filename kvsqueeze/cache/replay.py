@@ -97,7 +97,8 @@ def replay_and_score(
 ) -> tuple[list[torch.Tensor], float]:
     """Replay ``cache``'s prompt through ``decoder`` and score its rows; the cache is left as it was.
 
-    Returns the scores of every layer's stored rows, (B, H_kv, T) fp32 (the header's rows +inf), and the
+    Returns the scores of every layer's stored rows, (B, H_kv, T) fp32 (the header's rows +inf if
+    the scorer keeps it), and the
     seconds the replay took.
     """
     start_time = time.perf_counter()
@@ -147,6 +148,7 @@ def replay_and_score(
                 layer.end_replay_round(prompt_end.to(device))
     finally:
         cache.group.replay_span = None
-    header_end = torch.tensor([s.first + s.header for s in sequences], device=device)
+    kept = [s.header if scorer.keep_header else 0 for s in sequences]  # rows before these stay whole
+    header_end = torch.tensor([s.first + n for s, n in zip(sequences, kept, strict=True)], device=device)
     scores = [layer.finish_replay(header_end) for layer in cache.layers]
     return scores, time.perf_counter() - start_time

@@ -34,6 +34,7 @@ class KVzip(Method):
     chunk_size: int = 2048
     sinks: int = 4
     overlap: int = 8
+    keep_header: bool = True
 
     def validate(self) -> None:
         super().validate()
@@ -42,7 +43,7 @@ class KVzip(Method):
 
     def components(self) -> Components:
         return Components(
-            ReconstructionScorer(self.chunk_size, self.sinks, self.overlap),
+            ReconstructionScorer(self.chunk_size, self.sinks, self.overlap, self.keep_header),
             GlobalTopK(sinks=self.sinks),
             sinks=self.sinks,
         )
