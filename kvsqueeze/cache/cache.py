@@ -10,6 +10,7 @@ One cache serves one generation (one batch of sequences); build a new one, or ca
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -171,6 +172,16 @@ class SqueezeCache(Cache):
 
             forked._compress_by_replay(decoder_of(self.model), source=self)
         return forked
+
+    def copy(self) -> SqueezeCache:
+        """An independent deep copy of this cache in its current state (rows, lengths, method state).
+
+        The model, its config, the tokenizer and the method object are shared, not copied. A server reuses
+        a compressed context this way: compress a shared prefix once, then continue a copy per request.
+        """
+        shared = (self.model, self._model_config, self.tokenizer, self.method)
+        memo = {id(obj): obj for obj in shared if obj is not None}
+        return copy.deepcopy(self, memo)
 
     def replay_scores(self, method: str | Method = "kvzip", **params: Any) -> list[torch.Tensor]:
         """The replay scores of this recorded full cache's prompt rows, per layer (B, H_kv, T) fp32.

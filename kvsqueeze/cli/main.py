@@ -1,4 +1,4 @@
-"""The ``kvsqueeze`` command line: generate, methods, models, info, bench, profile, calibrate, demo.
+"""The ``kvsqueeze`` command line: generate, methods, models, info, bench, profile, calibrate, serve, demo.
 
 User errors (unknown method, bad budget, empty prompt, missing model package, ...) print one line on
 stderr and exit with status 2; no stack trace.
@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from kvsqueeze.cli import calibrate, commands
+from kvsqueeze.cli import calibrate, commands, serve
 from kvsqueeze.cli.commands import DTYPES
 from kvsqueeze.cli.params import parse_assignment
 
@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.set_defaults(run=commands.run_profile)
 
     calibrate.add_parser(sub)
+    serve.add_parser(sub)
 
     demo = sub.add_parser(
         "demo", help="the same prompt with the full cache and a compressed one, side by side"
