@@ -225,3 +225,23 @@ def test_more_samples_compute_only_the_new_ones(model_and_tokenizer, tmp_path):
         assert record["samples"][0] == before
     cut = load_records(small, tmp_path / "grown")  # a smaller config reads its own first samples
     assert key(cut) == key(first.values())
+
+
+def test_headline_average_leaves_out_tasks_the_full_cache_fails():
+    from kvsqueeze.bench.report import calibrated_tasks
+
+    def record(method: str, task: str, score: float) -> dict:
+        sample = {"sample_id": f"{task}-0", "score": score, "kl": 0.0}
+        return dict(
+            setting="query_agnostic", method=method, budget=1.0 if method == "full" else 0.5, task=task,
+            length=300, score=score, kl=0.0, top1=1.0, cache_bytes=1, full_cache_bytes=2,
+            decode_tokens_per_second=1.0, compression_overhead=0.0, samples=[sample],
+        )  # fmt: skip
+
+    records = [record("full", "easy", 1.0), record("full", "hard", 0.5)]
+    records += [record("snapkv", "easy", 0.8), record("snapkv", "hard", 0.0)]
+    assert calibrated_tasks(records) == ["easy"]
+    table = markdown_table(records, "query_agnostic")
+    assert "left out: hard" in table
+    snapkv = next(line for line in table.splitlines() if "| snapkv |" in line).split(" | ")
+    assert snapkv[5:7] == ["40", "80"]  # every task, then the tasks the full cache passes
