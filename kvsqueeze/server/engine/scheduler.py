@@ -111,6 +111,7 @@ class Engine:
         self._abort = False  # stop now: fail what is left
         self._thread: threading.Thread | None = None
         self._steps: collections.deque[tuple[float, int]] = collections.deque(maxlen=64)
+        self.step_log: list[tuple[float, int]] | None = None  # set to [] to record (seconds, batch) per step
         self.completed = 0  # requests finished with a response
         self.peak_running = 0  # the most requests admitted at once (running or about to prefill)
         self.metrics.limit_bytes.set(self.config.kv_memory)
@@ -199,7 +200,6 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                self._drop_cancelled()
                 while not (self._waiting or self._admitted or self._running or self._stopping):
                     self._cond.wait()
                 if self._stopping and not (self._waiting or self._admitted or self._running):
@@ -207,23 +207,33 @@ class Engine:
                 if self._abort:
                     self._fail_all(APIError(503, "the server shut down before this request finished"))
                     return
-                self._admit()
-                seq = self._admitted.popleft() if self._admitted else None
-            try:
-                if seq is not None:
-                    self._prefill(seq)
-                if self._running:
-                    self._decode_step()
-            except Exception as err:  # keep serving: fail what was in flight, log the trace
-                log.exception("engine step failed")
-                failed = list(self._running)
-                if seq is not None and seq not in failed and not seq.handle.finished.is_set():
-                    failed.append(seq)
-                for s in failed:
-                    self._fail(s, APIError(500, f"internal error: {type(err).__name__}: {err}"))
-            self._update_gauges()
-            if not self._running and not self._admitted:
-                _trim_memory()
+            self.run_once()
+
+    def run_once(self, decode: bool = True) -> None:
+        """One iteration between two decode steps: drop cancelled, admit, prefill one, decode one step.
+
+        The engine thread calls it in a loop; without :meth:`start` a caller (a test, the throughput
+        benchmark) drives the engine with it synchronously. ``decode=False`` only admits and prefills.
+        """
+        with self._cond:
+            self._drop_cancelled()
+            self._admit()
+            seq = self._admitted.popleft() if self._admitted else None
+        try:
+            if seq is not None:
+                self._prefill(seq)
+            if decode and self._running:
+                self._decode_step()
+        except Exception as err:  # keep serving: fail what was in flight, log the trace
+            log.exception("engine step failed")
+            failed = list(self._running)
+            if seq is not None and seq not in failed and not seq.handle.finished.is_set():
+                failed.append(seq)
+            for s in failed:
+                self._fail(s, APIError(500, f"internal error: {type(err).__name__}: {err}"))
+        self._update_gauges()
+        if not self._running and not self._admitted:
+            _trim_memory()
 
     def _admit(self) -> None:
         """Admit waiting requests in order while they fit (called with the lock held)."""
@@ -309,16 +319,19 @@ class Engine:
 
     @torch.inference_mode()
     def _decode_step(self) -> None:
-        running = self._running
+        running = list(self._running)  # finished requests leave self._running during the loop below
         start = time.perf_counter()
         ids = torch.tensor([[s.tokens[-1]] for s in running], device=self.model.device)  # (B, 1)
         positions = torch.tensor([[s.cache.get_seq_length()] for s in running], device=ids.device)  # (B, 1)
         batch = BatchedCache([s.cache for s in running])
         out = self.model(input_ids=ids, position_ids=positions, cache=batch, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]  # (B, V)
-        for seq, row in zip(list(running), logits, strict=True):
+        for seq, row in zip(running, logits, strict=True):
             self._accept(seq, sample_token(row, seq.request.sampling, seq.generator))
-        self._steps.append((time.perf_counter() - start, len(running)))
+        seconds = time.perf_counter() - start
+        self._steps.append((seconds, len(running)))
+        if self.step_log is not None:
+            self.step_log.append((seconds, len(running)))
 
     def _accept(self, seq: _Sequence, token: int) -> None:
         """Record a sampled token, stream its text, and finish the request when it is done."""
