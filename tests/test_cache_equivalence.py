@@ -61,3 +61,22 @@ def test_fork_equals_a_live_run(tiny_models, arch, method):
     ]
     assert forked.nbytes() == live.nbytes() and forked.get_seq_length() == live.get_seq_length()
     assert source.stored_rows()[-1, :, 0].tolist() == [90, 70]  # the source is untouched
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_forks_reusing_attention_keep_the_same_rows(tiny_models, arch):
+    """fork(reuse_attention=True): the column sums are walked once for H2O, D2O and PrefixKV together, and
+    each keeps exactly the rows of its own fork (gemma's sliding layers hold other rows: not shared)."""
+    model = tiny_models(arch)
+    ids, mask = left_padded_batch([90, 70], seed=11)
+    source = SqueezeCache(model, "full", record_prefill=True)
+    with torch.inference_mode():
+        model(ids, attention_mask=mask, cache=source)
+    for method in ("h2o", "d2o", "prefixkv", "snapkv"):
+        params = SMALL_WINDOW.get(method, {})
+        own = source.fork(method, 0.3, **params)
+        shared = source.fork(method, 0.3, reuse_attention=True, **params)
+        assert [layer.kept_positions() for layer in shared.layers] == [
+            layer.kept_positions() for layer in own.layers
+        ]
+    assert any(layer.recorded._column_sums for layer in source.layers)  # kept on the recording

@@ -250,13 +250,16 @@ class SqueezeLayer(CacheLayerMixin):
         self._note_size()
         return output
 
-    def adopt_prefill(self, source: SqueezeLayer) -> None:
+    def adopt_prefill(self, source: SqueezeLayer, reuse_attention: bool = False) -> None:
         """Become what this layer would have been after ``source``'s prompt, with this layer's method.
 
         ``source`` must be an uncompressed layer that recorded its prompt (``record_prefill=True``). Its
         rows are copied and this layer's method compresses them, scored with the recorded queries, exactly
         as if it had run during that prefill: prefill attention is exact, so a prompt's keys, values and
         queries do not depend on the method. This is how one prefill serves many methods and budgets.
+        ``reuse_attention``: the prompt's column sums (accumulated attention) are kept on the recording,
+        so every later adopter reuses them instead of walking the prompt's attention again (same sums,
+        same rows kept; the compression time is then not the method's own).
         """
         if source.recorded is None:
             raise ValueError(
@@ -270,6 +273,8 @@ class SqueezeLayer(CacheLayerMixin):
         self.seen, self.prompt_end = source.seen, source.prompt_end
         self.prompt_lengths = source.prompt_lengths.clone()
         obs = dataclasses.replace(rec, **self._stored_rows())
+        if reuse_attention and torch.equal(obs.key_positions, rec.key_positions):  # the same rows
+            obs._column_sums = rec._column_sums  # one dict: sums one adopter computes serve the next
         self._compress_and_quantize(obs)
         self.rows.release()
         self._note_size()
