@@ -154,6 +154,7 @@ def main() -> int:
     parser.add_argument("--kv-memory", default="2GiB")
     parser.add_argument("--rss-tolerance", type=float, default=0.10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="the server's torch threads")
     args = parser.parse_args()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -161,6 +162,9 @@ def main() -> int:
         sys.executable, "-m", "kvsqueeze.cli.main", "serve", "--model", args.model, "--port", str(port),
         "--kv-memory", args.kv_memory, "--api-key", "load-test", "--log-level", "warning",
     ]  # fmt: skip
+    if args.threads is not None:
+        cmd += ["--threads", str(args.threads)]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally below: stop the server too
     log = open(os.devnull, "w")  # noqa: SIM115
     server = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:

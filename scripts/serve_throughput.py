@@ -44,7 +44,13 @@ from kvsqueeze.server.engine.sampling import SamplingParams  # noqa: E402
 from kvsqueeze.server.engine.scheduler import Engine, EngineConfig  # noqa: E402
 
 METHODS = [("full", 1.0), ("snapkv", 0.1), ("kivi", 1.0)]
-COMMAND = ".venv/bin/python scripts/serve_throughput.py --write"
+COMMAND = ".venv/bin/python scripts/serve_throughput.py --write"  # plus the options given
+
+
+def command() -> str:
+    """The command line of this run, as it was typed (minus the interpreter)."""
+    extra = [a for a in sys.argv[1:] if a != "--write"]
+    return " ".join([COMMAND, *extra])
 
 
 def prompt_ids(tokenizer, tokens: int) -> list[int]:
@@ -115,8 +121,11 @@ def main() -> int:
     parser.add_argument("--decode-tokens", type=int, default=8, help="tokens decoded per request and run")
     parser.add_argument("--kv-memory", default="1GiB", help="the memory the admission count is measured at")
     parser.add_argument("--admit-cap", type=int, default=160, help="stop counting admissions here")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--write", action="store_true", help="write the block into docs/RESULTS.md")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     levels = [int(x) for x in args.concurrency.split(",")]
     memory = parse_bytes(args.kv_memory)
     started = time.perf_counter()
@@ -189,7 +198,7 @@ def render(args, rows, levels, prefill: float, total: float, full_bytes: int) ->
     return "\n".join(
         [
             f"Model `{args.model}` (torch.float32), {platform.machine()} CPU, {torch.get_num_threads()} threads, "
-            f"{date}. Command: `{COMMAND}` (about {total / 60:.0f} min in all).",
+            f"{date}. Command: `{command()}` (about {total / 60:.0f} min in all).",
             "",
             f"One {args.tokens}-token prompt (pydocs), prefilled once ({prefill:.0f} s) and forked per request; "
             f"each request decodes {args.decode_tokens} tokens (fewer than a real answer, to fit the run in "

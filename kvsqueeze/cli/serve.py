@@ -35,6 +35,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefix-cache", type=int, default=8, help="compressed prefixes kept for reuse")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests")
     p.add_argument("--served-name", default=None, help="the model id clients send (default: --model)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's; 1 is faster on busy cores)",
+    )
     p.add_argument("--log-level", default="info")
     p.set_defaults(run=run_serve)
 
@@ -54,6 +60,12 @@ def run_serve(args: argparse.Namespace) -> int:
     from kvsqueeze.methods import with_profile
 
     method = _method(args)  # validate before the model loads
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.profile:
         method = with_profile(method, args.profile)
     engine = EngineConfig(
