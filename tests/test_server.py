@@ -496,3 +496,30 @@ def test_sigterm_finishes_the_running_request_then_exits():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_sizes_text_stream_and_sampling_units():
+    from kvsqueeze.server.engine.detok import TextStream
+    from kvsqueeze.server.engine.sampling import sample_token
+
+    assert parse_bytes("4GiB") == 4 * 1024**3 and parse_bytes("1.5GB") == 1_500_000_000
+    assert parse_bytes("512MiB") == 512 * 1024**2 and parse_bytes("1000") == 1000
+    with pytest.raises(ValueError):
+        parse_bytes("lots")
+    tok = tiny_tokenizer()
+    ids = tok("héllo END world", add_special_tokens=False)["input_ids"]
+    stream = TextStream(tok, ["END"])
+    deltas = []
+    for token in ids:
+        deltas.append(stream.push(token))
+        if stream.stopped:
+            break
+    assert "".join(deltas) == "héllo " and stream.stopped  # the stop string is cut, split bytes held back
+    plain = TextStream(tok, [])
+    assert "".join(plain.push(t) for t in ids) + plain.finish() == "héllo END world"
+    logits = torch.tensor([0.0, 5.0, 4.9, -3.0])
+    assert sample_token(logits, SamplingParams(temperature=0.0), None) == 1
+    narrow = SamplingParams(temperature=1.0, top_p=0.05, seed=1)
+    assert {sample_token(logits, narrow, narrow.generator()) for _ in range(20)} == {1}
+    with pytest.raises(ValueError):
+        SamplingParams(temperature=3.0)
