@@ -135,6 +135,34 @@ def repeat_config(setting: str = "query_agnostic") -> BenchConfig:
     )
 
 
+# why a row holds fewer tasks than the grid, by method name (printed beside the rows that do)
+PARTIAL_NOTE = {
+    "prefixkv": "re-run after PrefixKV's deletion was limited to one row per forward call (issue 24); the "
+    "earlier records, made with the old deletion, were removed, and the tasks missing were not re-run yet; "
+    "the re-run shared the machine with other jobs, so its speed and overhead columns are not comparable "
+    "with the other rows",
+}
+
+
+def partial_rows(records: list[dict], setting: str) -> str:
+    """'label: keep b (task, task), ...' for each kvsqueeze method of ``setting`` with a row run on fewer
+    tasks than the setting's full cache, with its PARTIAL_NOTE; empty when every row has every task."""
+    ours = [r for r in records if r["setting"] == setting and r.get("source", "kvsqueeze") == "kvsqueeze"]
+    tasks = {r["task"] for r in ours if r["method"] == "full"}
+    by_row: dict[tuple[str, float], set[str]] = {}
+    for r in ours:
+        by_row.setdefault((r["method"], float(r["budget"])), set()).add(r["task"])
+    by_method: dict[str, list[str]] = {}
+    for (method, budget), done in sorted(by_row.items()):
+        if done < tasks:
+            by_method.setdefault(method, []).append(f"keep {budget:g} ({', '.join(sorted(done))})")
+    parts = []
+    for method, rows in by_method.items():
+        note = PARTIAL_NOTE.get(method.split("(")[0])
+        parts.append(f"`{method}` " + ", ".join(rows) + (f": {note}" if note else ""))
+    return "Rows run on fewer tasks than the full cache: " + "; ".join(parts) + "." if parts else ""
+
+
 def full_scores(records: list[dict], setting: str) -> str:
     """'task 100, task 50, ...': the full cache's score per task."""
     full = sorted(
@@ -280,6 +308,8 @@ def report(args: argparse.Namespace) -> None:
             KVPRESS_SETTINGS[0],
         ),
     ]
+    if partial := partial_rows(records, "query_aware"):
+        lines += ["", partial]
     shared = sorted({r["task"] for r in pressed})
     if shared and len(shared) < len(grid.tasks):
         same = [r for r in records if r["task"] in shared]
@@ -293,6 +323,8 @@ def report(args: argparse.Namespace) -> None:
         lines += ["", *repeats_section(setting)]
     for setting in SETTINGS:
         lines += ["", f"### {setting}, every task", "", markdown_table(records, setting)]
+        if partial := partial_rows(records, setting):
+            lines += ["", partial]
         lines += ["", *[f"![{p.stem}](bench/plots/{p.name})" for p in plots if p.stem.endswith(setting)]]
     body = "\n".join(lines)
     print(body)
