@@ -1,12 +1,15 @@
-"""Query-agnostic compression on the 4k suite: native kvzip and the learned kvzap beside the full cache, SnapKV
+"""Query-agnostic compression on the suite: native kvzip and the learned kvzap beside the full cache, SnapKV
 and kvpress's KVzip, at REPEAT_SAMPLES samples per task, and write its block in docs/RESULTS.md.
 
     .venv/bin/python scripts/query_agnostic_report.py --write                     # every stage, then publish
     .venv/bin/python scripts/query_agnostic_report.py --stages query_agnostic     # one stage now
     .venv/bin/python scripts/query_agnostic_report.py --stages '' --write         # publish what is on disk
+    .venv/bin/python scripts/query_agnostic_report.py --model smollm2-135m --write  # the second architecture
 
-Records go to docs/bench/repeats (beside the 3-sample full-cache records the quantization rows use, which
-they share), so an interrupted run resumes and nothing is computed twice. Stages: ``query_agnostic``
+Qwen2.5-Coder-0.5B runs at 4096 tokens and its records go to docs/bench/repeats (beside the 3-sample
+full-cache records the quantization rows use, which they share); SmolLM2-135M runs at 2048 tokens into
+docs/bench/smollm2-135m. Records are rewritten after every sample, so an interrupted run resumes and nothing
+is computed twice. Stages: ``query_agnostic``
 (kvzip and kvzap at 0.1 and 0.25), ``kvpress`` (kvpress's KVzip on the same samples, its own venv),
 ``query_aware`` (kvzip, kvzap and SnapKV with the question inside the compressed prompt).
 """
@@ -14,6 +17,8 @@ they share), so an interrupted run resumes and nothing is computed twice. Stages
 from __future__ import annotations
 
 import argparse
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import kvsqueeze
@@ -22,21 +27,34 @@ from kvsqueeze.bench.report import markdown_table, mean_of, paired_table, replac
 from kvsqueeze.bench.runner import BenchConfig, MethodSpec, load_records, run_bench
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "docs" / "bench" / "repeats"
-MODEL = "qwen2.5-coder-0.5b"
 COMMAND = ".venv/bin/python scripts/query_agnostic_report.py --write"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A model the report runs on: its context length, where its records live, the block it writes."""
+
+    length: int
+    out: Path
+    block: str
+
+
+TARGETS = {
+    "qwen2.5-coder-0.5b": Target(4096, ROOT / "docs" / "bench" / "repeats", "query_agnostic"),
+    "smollm2-135m": Target(2048, ROOT / "docs" / "bench" / "smollm2-135m", "query_agnostic_smollm2"),
+}
 REPEAT_SAMPLES = 3
 BUDGETS = (0.1, 0.25)
 STAGES = ("query_agnostic", "kvpress", "query_aware")
 ROWS = {"query_agnostic": ("kvzip", "kvzap"), "query_aware": ("kvzip", "kvzap", "snapkv")}
 
 
-def config(setting: str) -> BenchConfig:
+def config(setting: str, target: Target) -> BenchConfig:
     return BenchConfig(
         methods=[MethodSpec(name) for name in ROWS[setting]],
         budgets=list(BUDGETS),
         tasks=sorted(TASKS),
-        lengths=[4096],
+        lengths=[target.length],
         num_samples=REPEAT_SAMPLES,
         seed=0,
         haystack="pydocs",
@@ -45,11 +63,9 @@ def config(setting: str) -> BenchConfig:
     )
 
 
-def kvpress_records() -> list[dict]:
-    import json
-
+def kvpress_records(target: Target) -> list[dict]:
     records = []
-    for path in sorted((OUT / "kvpress" / "query_agnostic").rglob("*.json")):
+    for path in sorted((target.out / "kvpress" / "query_agnostic").rglob(f"{target.length}.json")):
         records += [r for r in json.loads(path.read_text())["records"] if r["method"] == "kvzip"]
     return records
 
@@ -57,10 +73,8 @@ def kvpress_records() -> list[dict]:
 def sample_zero_lines(records: list[dict]) -> list[str]:
     """Score per task on sample 0 beside kvpress's KVzip from the published grid (docs/bench/kvpress, which
     ran sample 0 only), average over the tasks both have."""
-    import json
-
     theirs = {}
-    for path in sorted((OUT.parent / "kvpress" / "query_agnostic").rglob("*.json")):
+    for path in sorted((ROOT / "docs" / "bench" / "kvpress" / "query_agnostic").rglob("*.json")):
         for r in json.loads(path.read_text())["records"]:
             if r["method"] == "kvzip":
                 theirs[(r["task"], r["budget"])] = r["score"]
@@ -109,26 +123,31 @@ def main() -> None:
         "--write", action="store_true", help="replace the query_agnostic block in docs/RESULTS.md"
     )
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)}")
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b", choices=sorted(TARGETS))
     args = parser.parse_args()
     stages = [s for s in args.stages.split(",") if s]
-    model, tokenizer = kvsqueeze.load_model(MODEL) if stages else (None, None)
+    target = TARGETS[args.model]
+    model, tokenizer = kvsqueeze.load_model(args.model) if stages else (None, None)
     for setting in ("query_agnostic", "query_aware"):
         if setting in stages:
-            run_bench(model, tokenizer, config(setting), OUT, model_name=MODEL)
+            run_bench(model, tokenizer, config(setting, target), target.out, model_name=args.model)
     if "kvpress" in stages:
         from kvsqueeze.bench.baseline import run_kvpress_baseline
 
-        run_kvpress_baseline(model, tokenizer, config("query_agnostic"), OUT, MODEL, presses=("kvzip",))
+        run_kvpress_baseline(
+            model, tokenizer, config("query_agnostic", target), target.out, args.model, presses=("kvzip",)
+        )
+    command = COMMAND if target.block == "query_agnostic" else f"{COMMAND} --model {args.model}"
     lines = [
-        f"Model `{MODEL}` (fp32, 2 CPU threads), 4096-token contexts, samples 0 to {REPEAT_SAMPLES - 1} of every "
-        f"task (seed 0, `pydocs` haystack), keep ratios {', '.join(f'{b:g}' for b in BUDGETS)}. Command: "
-        f"`{COMMAND}` (resumable from its run records). "
-        "The full-cache rows are the repeats section's own records (the same samples).",
+        f"Model `{args.model}` (fp32, 2 CPU threads), {target.length}-token contexts, samples 0 to "
+        f"{REPEAT_SAMPLES - 1} of every task (seed 0, `pydocs` haystack), keep ratios "
+        f"{', '.join(f'{b:g}' for b in BUDGETS)}. Command: `{command}` (resumable from its run records). "
+        "kvpress's KVzip rows ran on the same samples in kvpress's own venv (they mask evicted keys).",
     ]
     for setting in ("query_agnostic", "query_aware"):
-        records = load_records(config(setting), OUT)
+        records = load_records(config(setting, target), target.out)
         if setting == "query_agnostic":
-            records += kvpress_records()
+            records += kvpress_records(target)
         if not any(r["method"] != "full" for r in records):
             lines += ["", f"### {setting}", "", f"_not run yet: `--stages {setting}`_"]
             continue
@@ -144,7 +163,7 @@ def main() -> None:
             "",
             *overhead_lines(records),
         ]
-        if setting == "query_agnostic":
+        if setting == "query_agnostic" and target.block == "query_agnostic":
             zero = sample_zero_lines(records)
             if zero:
                 lines += [
@@ -157,7 +176,7 @@ def main() -> None:
     body = "\n".join(lines)
     print(body)
     if args.write:
-        replace_block(ROOT / "docs" / "RESULTS.md", "query_agnostic", body)
+        replace_block(ROOT / "docs" / "RESULTS.md", target.block, body)
 
 
 if __name__ == "__main__":
