@@ -195,9 +195,11 @@ def render(args, rows, levels, prefill: float, total: float, full_bytes: int) ->
                 f"{0.9 / ratio:.1f}x, {'met' if count >= target else 'missed'})"
             )
     date = datetime.date.today().isoformat()
+    n = torch.get_num_threads()
+    threads = f"{n} thread{'s' if n != 1 else ''}"
     return "\n".join(
         [
-            f"Model `{args.model}` (torch.float32), {platform.machine()} CPU, {torch.get_num_threads()} threads, "
+            f"Model `{args.model}` (torch.float32), {platform.machine()} CPU, {threads}, "
             f"{date}. Command: `{command()}` (about {total / 60:.0f} min in all).",
             "",
             f"One {args.tokens}-token prompt (pydocs), prefilled once ({prefill:.0f} s) and forked per request; "
@@ -212,10 +214,22 @@ def render(args, rows, levels, prefill: float, total: float, full_bytes: int) ->
             *lines,
             "",
             *[f"- {v}" for v in verdicts],
-            "- Other jobs shared the 2 cores during this run, so absolute tokens/s are low and noisy; the ratios "
-            "are within the run.",
+            *kivi_note(rows, top),
+            "- Other jobs shared the 2 cores during this run (`--threads 1`: two torch threads on the busy cores "
+            "decoded about 5x slower), so absolute tokens/s are low and noisy; the ratios are within the run.",
         ]
     )
+
+
+def kivi_note(rows, top: int) -> list[str]:
+    """Why kivi, at snapkv's bytes, is slower per step (when it is)."""
+    if "kivi" not in rows or rows["kivi"][2][top] >= rows["full"][2][top]:
+        return []
+    return [
+        "- kivi holds about the bytes of snapkv at 0.1 but decodes slower: every step dequantizes each layer's "
+        "rows for attention (the cost the quantization section measures at batch 1), and that grows with the "
+        "batch; its gain here is admission, not speed."
+    ]
 
 
 if __name__ == "__main__":

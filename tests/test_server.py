@@ -140,9 +140,9 @@ def _extra(method: str, budget, params: dict, **more) -> dict:
     }
 
 
-def _chat(client, prompt: str, method, budget, params, n: int, **kw):
+def _chat(client, prompt: str, method, budget, params, n: int, model: str = NAME, **kw):
     return client.chat.completions.create(
-        model=NAME,
+        model=model,
         messages=[{"role": "user", "content": prompt}],
         max_tokens=n,
         temperature=0,
@@ -523,3 +523,39 @@ def test_sizes_text_stream_and_sampling_units():
     assert {sample_token(logits, narrow, narrow.generator()) for _ in range(20)} == {1}
     with pytest.raises(ValueError):
         SamplingParams(temperature=3.0)
+
+
+@pytest.mark.slow
+def test_packaged_smollm2_serves_like_generate_and_caches_a_kvzap_prefix(smollm2):
+    """The packaged SmolLM2: snapkv and kivi batched together equal generate; a kvzap prefix is reused."""
+    model, tok = smollm2
+    app = build_app(
+        model, tok, model_name="smollm2-135m", method="snapkv", budget=0.25, context_method="kvzap"
+    )
+    srv = _Server(app)
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=600)
+        document = "The vault code is 4821. " + "The archive keeps old letters and maps of the city. " * 40
+        prompt = document + "What is the vault code?"
+        jobs = [("snapkv", 0.25, {}), ("kivi", 1.0, {}), ("h2o", 0.2, {})]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            replies = list(pool.map(lambda job: _chat(client, prompt, *job, 12, model="smollm2-135m"), jobs))
+        for (method, budget, params), reply in zip(jobs, replies, strict=True):
+            want = kvsqueeze.generate(model, tok, prompt, method, budget, max_new_tokens=12, **params)
+            assert reply.model_extra["kvsqueeze"]["token_ids"] == want.token_ids[0].tolist(), method
+
+        def ask(question: str):
+            return client.chat.completions.create(
+                model="smollm2-135m",
+                messages=[{"role": "system", "content": document}, {"role": "user", "content": question}],
+                max_tokens=12,
+                temperature=0,
+                extra_body={"kvsqueeze": {"budget": 0.25, "cache_prefix": True}},
+            )
+
+        first, second = ask("What is the vault code?"), ask("What does the archive keep?")
+        assert first.model_extra["kvsqueeze"]["method"] == "kvzap"
+        assert first.usage.model_extra["prefix_cached_tokens"] == 0
+        assert second.usage.model_extra["prefix_cached_tokens"] > 200
+    finally:
+        srv.close()

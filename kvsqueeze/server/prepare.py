@@ -22,6 +22,7 @@ from kvsqueeze.server.errors import APIError, bad_request
 from kvsqueeze.server.schemas import ChatCompletionRequest, CommonRequest, CompletionRequest
 
 MAX_STOP = 4
+MAX_PREPARED_METHODS = 64  # distinct (method, params) kept ready; clients choose params freely
 
 
 @dataclass
@@ -68,6 +69,8 @@ class RequestBuilder:
         """The method ``name`` with ``params``, ready for the model (a 400 for anything wrong)."""
         key = f"{name}|{sorted(params.items())!r}"
         if key not in self._methods:
+            if len(self._methods) >= MAX_PREPARED_METHODS:
+                self._methods.clear()
             try:
                 self._methods[key] = get_method(name, **params).for_model(self.model)
             except (ValueError, TypeError) as err:
