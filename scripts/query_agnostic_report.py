@@ -98,6 +98,15 @@ def sample_zero_lines(records: list[dict]) -> list[str]:
     return lines
 
 
+def sample_counts(records: list[dict]) -> str:
+    """How many samples per task each source's rows hold (a run cut short holds fewer than asked)."""
+    counts: dict[str, set[int]] = {}
+    for r in records:
+        counts.setdefault(r.get("source", "kvsqueeze"), set()).add(int(r["num_samples"]))
+    parts = [f"{source}: {', '.join(map(str, sorted(n)))}" for source, n in sorted(counts.items())]
+    return f"Samples per task in these rows ({'; '.join(parts)}); a row averages the samples it holds."
+
+
 def overhead_lines(records: list[dict]) -> list[str]:
     """Prefill plus compression against a plain prefill, per row (mean over its tasks)."""
     rows: dict[tuple[str, str, float], list[float]] = {}
@@ -140,9 +149,13 @@ def main() -> None:
     command = COMMAND if target.block == "query_agnostic" else f"{COMMAND} --model {args.model}"
     lines = [
         f"Model `{args.model}` (fp32, 2 CPU threads), {target.length}-token contexts, samples 0 to "
-        f"{REPEAT_SAMPLES - 1} of every task (seed 0, `pydocs` haystack), keep ratios "
-        f"{', '.join(f'{b:g}' for b in BUDGETS)}. Command: `{command}` (resumable from its run records). "
-        "kvpress's KVzip rows ran on the same samples in kvpress's own venv (they mask evicted keys).",
+        f"{REPEAT_SAMPLES - 1} of every task asked for (seed 0, `pydocs` haystack), keep ratios "
+        f"{', '.join(f'{b:g}' for b in BUDGETS)}. Command: `{command}` (resumable from its run records)."
+        + (
+            " kvpress's KVzip rows ran on the same samples in kvpress's own venv (they mask evicted keys)."
+            if kvpress_records(target)
+            else ""
+        ),
     ]
     for setting in ("query_agnostic", "query_aware"):
         records = load_records(config(setting, target), target.out)
@@ -154,6 +167,8 @@ def main() -> None:
         lines += [
             "",
             f"### {setting}",
+            "",
+            sample_counts(records),
             "",
             markdown_table(records, setting) if records else "_not run yet_",
             "",

@@ -111,7 +111,7 @@ def paired_table(records: list[dict], baseline: str = "full") -> str:
         budget = record.get("budget", 1.0)
         # one row per keep ratio
         row = record["method"] if budget == 1 else f"{record['method']} @ {budget:g}"
-        for sample in record["samples"]:
+        for sample in record.get("samples", ()):  # kvpress records hold averages only
             samples[row][sample["sample_id"]] = sample
     if baseline not in samples:
         return f"_no {baseline} records to pair with_"
