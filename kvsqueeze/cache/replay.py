@@ -97,9 +97,8 @@ def replay_and_score(
 ) -> tuple[list[torch.Tensor], float]:
     """Replay ``cache``'s prompt through ``decoder`` and score its rows; the cache is left as it was.
 
-    Returns the scores of every layer's stored rows, (B, H_kv, T) fp32 (the header's rows +inf if
-    the scorer keeps it), and the
-    seconds the replay took.
+    Returns the scores of every layer's stored rows, (B, H_kv, T) fp32 (the header's rows +inf if the
+    scorer keeps it), and the seconds the replay took.
     """
     start_time = time.perf_counter()
     scorer = cache.layers[0].components.scorer
@@ -148,7 +147,9 @@ def replay_and_score(
                 layer.end_replay_round(prompt_end.to(device))
     finally:
         cache.group.replay_span = None
-    kept = [s.header if scorer.keep_header else 0 for s in sequences]  # rows before these stay whole
-    header_end = torch.tensor([s.first + n for s, n in zip(sequences, kept, strict=True)], device=device)
+    # rows before these positions stay whole (the header, or nothing past the sinks)
+    header_end = torch.tensor(
+        [s.first + (s.header if scorer.keep_header else 0) for s in sequences], device=device
+    )
     scores = [layer.finish_replay(header_end) for layer in cache.layers]
     return scores, time.perf_counter() - start_time
