@@ -26,7 +26,12 @@ METHOD_NAMES = (
     "cake",
     "prefixkv",
     "d2o",
+    "quest",
+    "mpcache",
 )
+# Methods that keep every row they are given and select per decode step: their bytes do not follow the
+# budget (tests/test_selection.py checks what they hold instead).
+SELECTING = ("quest", "mpcache")
 # Observation windows small enough for the tiny prompts of the compression tests.
 SMALL_WINDOW = {
     "snapkv": {"window": 8},
@@ -36,7 +41,7 @@ SMALL_WINDOW = {
     "cake": {"window": 8},
 }
 # What makes a method keep everything when the budget covers the whole sequence (mass sizes itself).
-LOSSLESS = {"mass": {"p": 1.0}}
+LOSSLESS = {"mass": {"p": 1.0}, "mpcache": {"static_keep": 1.0}}
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import METHOD_NAMES, SMALL_WINDOW, left_padded_batch
+from conftest import METHOD_NAMES, SELECTING, SMALL_WINDOW, left_padded_batch
 from transformers import DynamicCache
 
 from kvsqueeze import SqueezeCache
@@ -33,7 +33,7 @@ def full_bytes(model64):
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.25, 0.5])
-@pytest.mark.parametrize("method", [m for m in METHOD_NAMES if m != "full"])
+@pytest.mark.parametrize("method", [m for m in METHOD_NAMES if m not in ("full", *SELECTING)])
 def test_stored_bytes_follow_the_ratio(model64, full_bytes, method, ratio):
     ids, _ = left_padded_batch([PROMPT], seed=7)
     cache = SqueezeCache(model64, method, budget=ratio, **SMALL_WINDOW.get(method, {}))

@@ -107,3 +107,21 @@ class MassHeads(HeadAllocator):
             needed = torch.where(total[..., 0] > 0, needed, n_candidates)  # no signal: keep them all
         counts = needed + protected.sum(-1)
         return counts.minimum(layer_budget[:, None])
+
+
+class ThresholdHeads(HeadAllocator):
+    """Keep the rows whose score reaches ``threshold`` (MPCache's static tau), under the layer's cap.
+
+    Protected rows stay whatever their score. A scorer that gives every KV head the same scores (MPCache's
+    head mean) makes every head keep the same rows.
+    """
+
+    name: ClassVar[str] = "threshold"
+    sizes_itself: ClassVar[bool] = True
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+
+    def head_counts(self, scores, candidates, protected, layer_budget):
+        reached = ((scores.float() >= self.threshold) & candidates).sum(-1)  # (B, H_kv)
+        return (reached + protected.sum(-1)).minimum(layer_budget[:, None])

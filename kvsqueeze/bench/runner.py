@@ -221,8 +221,13 @@ def run_sample(
         raw = tokenizer.decode(tokens, skip_special_tokens=True)
         prediction = postprocess(raw, sample.answer_prefix)
         components = method.components()
-        # caches that change while decoding (per-step eviction, quantization's residual) decode token by token
-        stepwise = components.schedule is Schedule.EVERY_STEP or components.quantize is not None
+        # caches that change while decoding (per-step eviction, quantization's residual) and selection, which
+        # reads a query-dependent few rows only at one-token steps, decode token by token
+        stepwise = (
+            components.schedule is Schedule.EVERY_STEP
+            or components.quantize is not None
+            or components.select is not None
+        )
         kl, top1 = fidelity(
             reference, _teacher_logprobs(model, cache, encoded.followup_ids, teacher, stepwise)
         )

@@ -176,6 +176,8 @@ class SqueezeLayer(CacheLayerMixin):
         if self.components.scorer is not None:
             self.components.scorer.select_batch(indices)
         self.components.action.select_batch(indices)
+        if self.components.select is not None:
+            self.components.select.select_batch(indices)
         self.batch_size = len(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -189,8 +191,12 @@ class SqueezeLayer(CacheLayerMixin):
     # ------------------------------------------------------------ bytes
 
     def nbytes(self) -> int:
-        """Bytes this layer holds: keys, values, positions and any per-row scorer state."""
-        return 0 if self.rows is None else self.rows.nbytes()
+        """Bytes this layer holds: keys, values, positions, any per-row scorer state and, for a selecting
+        method, its page bounds."""
+        if self.rows is None:
+            return 0
+        select = self.components.select
+        return self.rows.nbytes() + (0 if select is None else select.nbytes())
 
     def kv_nbytes(self) -> int:
         """Bytes of the stored keys and values alone."""
@@ -328,11 +334,44 @@ class SqueezeLayer(CacheLayerMixin):
         }
 
     def _attention_output(self, module: torch.nn.Module, obs: Observation, dropout: float) -> torch.Tensor:
+        if self._selects(obs):
+            picked = self.components.select.gather(obs)
+            if picked is not None:  # attend to the chosen pages' rows only
+                keys, values, positions, valid = picked  # (B, H_kv, K, D), ..., (B, H_kv, K)
+                visible = valid & (positions <= obs.query_positions[:, None, :])  # one query per sequence
+                mask = None
+                if not bool(visible.all()):
+                    mask = visible[:, :, None, :].repeat_interleave(obs.group_size, dim=1)  # (B, H, 1, K)
+                out, _ = sdpa_attention_forward(
+                    module, obs.query, keys, values, mask, dropout=dropout, scaling=obs.scaling
+                )
+                return out
         mask = attention_mask_for(obs)
         out, _ = sdpa_attention_forward(
             module, obs.query, obs.keys, obs.values, mask, dropout=dropout, scaling=obs.scaling
         )
         return out
+
+    def _selects(self, obs: Observation) -> bool:
+        """Whether this call attends to selected pages: a one-token step after the prompt, on a layer that
+        selects (multi-token calls, the first dense layers and sliding-window layers attend densely)."""
+        select = self.components.select
+        return (
+            select is not None
+            and not obs.is_prefill
+            and obs.query_length == 1
+            and obs.sliding_window is None
+            and select.active(self.layer_idx)
+        )
+
+    def _refresh_selection(self) -> None:
+        """Build or update a selecting layer's page bounds over the rows it now stores."""
+        select = self.components.select
+        if select is None or self.rows is None or self.sliding_window is not None:
+            return
+        if not select.active(self.layer_idx):
+            return
+        select.refresh(self.rows.padded("keys"), self.rows.padded("positions", fill=-1), self.rows.lengths)
 
     def _drop_new_rows(self, padding: torch.Tensor) -> None:
         """Remove the rows of left-padding tokens just appended; ``padding`` is (B, q) bool."""
@@ -352,12 +391,16 @@ class SqueezeLayer(CacheLayerMixin):
         A prompt scored by a replay (KVzip) waits: the cache replays it once every layer has it, then
         :meth:`compress_scored` evicts and quantizes what stays (so the replay reads full-precision rows).
         """
-        scorer = self.components.scorer
+        scorer, select = self.components.scorer, self.components.select
+        if obs.is_prefill and select is not None:
+            select.set_budget(self.prompt_lengths, self.budget.resolve(self.prompt_lengths))
         if obs.is_prefill and scorer is not None and scorer.replays:
             self._awaiting_replay = obs if self.components.quantize is not None else None
             return
         self._compress(obs)
         self._quantize(obs)
+        if obs.is_prefill:
+            self._refresh_selection()  # the page bounds exist (and are counted) from the prompt on
 
     def _compress(self, obs: Observation) -> None:
         comp = self.components
@@ -366,6 +409,8 @@ class SqueezeLayer(CacheLayerMixin):
         if not obs.is_prefill and comp.schedule is not Schedule.EVERY_STEP:
             return
         start = time.perf_counter()
+        if comp.select is not None:
+            comp.select.invalidate()  # rows may be evicted or merged: the page bounds are rebuilt
         if obs.is_prefill and comp.allocator.uses_statistics:
             self._plan_across_layers(obs)
         else:
@@ -394,6 +439,8 @@ class SqueezeLayer(CacheLayerMixin):
         due = quant.due(self.rows.residual, obs.is_prefill)  # (S, T_res)
         if due is None:
             return
+        if self.components.select is not None:
+            self.components.select.invalidate()  # keys become their dequantized values
         saliency = None
         if quant.saliency is not None:
             current = dataclasses.replace(obs, **self._stored_rows())  # the rows eviction left
@@ -511,7 +558,8 @@ class SqueezeLayer(CacheLayerMixin):
         prompt, self._awaiting_replay = self._awaiting_replay, None
         if prompt is not None:
             self._quantize(prompt)
-            self.rows.release()
+        self._refresh_selection()
+        self.rows.release()
         self._note_size()
 
     def _request(self) -> LayerRequest:

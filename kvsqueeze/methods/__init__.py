@@ -11,8 +11,10 @@ from kvsqueeze.methods import (  # noqa: F401
     kvzap,
     kvzip,
     mass,
+    mpcache,
     prefixkv,
     pyramidkv,
+    quest,
     random,
     snapkv,
     streaming_llm,
@@ -38,9 +40,11 @@ from kvsqueeze.methods.knorm import Knorm
 from kvsqueeze.methods.kvzap import KVzap
 from kvsqueeze.methods.kvzip import KVzip
 from kvsqueeze.methods.mass import Mass
+from kvsqueeze.methods.mpcache import MPCache
 from kvsqueeze.methods.prefixkv import PrefixKV
 from kvsqueeze.methods.profiled import LayerProfile, Profiled, compute_profile, with_profile
 from kvsqueeze.methods.pyramidkv import PyramidKV
+from kvsqueeze.methods.quest import Quest
 from kvsqueeze.methods.random import Random
 from kvsqueeze.methods.snapkv import SnapKV
 from kvsqueeze.methods.streaming_llm import StreamingLLM
@@ -55,6 +59,8 @@ __all__ = [
     "Cake",
     "D2O",
     "Mass",
+    "MPCache",
+    "Quest",
     "LayerProfile",
     "PrefixKV",
     "Profiled",

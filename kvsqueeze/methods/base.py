@@ -18,6 +18,7 @@ import torch
 from kvsqueeze.actions.base import Action
 from kvsqueeze.actions.evict import Evict
 from kvsqueeze.actions.quantize import Quantize
+from kvsqueeze.actions.select import Select
 from kvsqueeze.allocators.base import Allocator
 from kvsqueeze.allocators.heads import HeadAllocator, UniformHeads
 from kvsqueeze.scorers.base import Scorer
@@ -36,7 +37,8 @@ class Components:
     """The four choices of a method, plus the rows it always protects.
 
     ``allocator`` sizes each layer; ``heads`` splits a layer's size over its KV heads (uniform by default,
-    or adaptive: Ada-KV, mass); ``quantize`` stores what eviction keeps at low bit width.
+    or adaptive: Ada-KV, mass); ``quantize`` stores what eviction keeps at low bit width; ``select`` keeps
+    every row it is given and lets each decode step attend to a query-dependent few (Quest, MPCache).
     """
 
     scorer: Scorer | None
@@ -48,6 +50,7 @@ class Components:
     sinks: int = 0  # rows at positions < sinks are always kept
     recent_share: float | None = None  # if set, the protected window is this share of each layer's budget
     quantize: Quantize | None = None  # if set, the kept rows are stored quantized (ZipCache, KIVI)
+    select: Select | None = None  # if set, decode steps attend to the rows of selected pages only
 
     def protected_recent(self, layer_budget: int) -> int:
         """Rows protected at the end of a segment for a layer that keeps ``layer_budget`` rows."""
@@ -132,17 +135,27 @@ def get_method(method: str | Method, **params: object) -> Method:
 
 @dataclass
 class Composed(Method):
-    """An eviction method whose kept rows are stored by a quantization method: ``"h2o+kivi"``.
+    """An eviction method whose kept rows are stored by a quantization method (``"h2o+kivi"``), or whose
+    kept rows a selection method attends to a few at a time (``"snapkv+quest"``, ``"kivi+quest"``).
 
-    Eviction chooses which rows stay (and when), quantization how many bits each one keeps; the bytes are
-    the kept rows' codes and parameters. Hyperparameters go to whichever of the two methods has them.
+    Eviction chooses which rows stay (and when), quantization how many bits each one keeps, selection which
+    of them each decode step reads; the bytes are the kept rows' (codes and parameters when quantized, plus
+    the page bounds when selecting). Hyperparameters go to whichever of the two methods has them.
     """
 
     eviction: Method = field(default_factory=lambda: get_method("full"))
     quantization: Method = field(default_factory=lambda: get_method("zipcache"))
 
+    @property
+    def selects(self) -> bool:
+        """True when the second method is a selection method (its part is ``select``, not ``quantize``)."""
+        return self.quantization.components().select is not None
+
     def validate(self) -> None:
         evict, quant = self.eviction.components(), self.quantization.components()
+        if quant.select is not None:
+            self._validate_selection(evict, quant)
+            return
         if quant.quantize is None or quant.schedule is not Schedule.NEVER:
             raise ValueError(
                 f"{self.quantization.name} is not a quantization method; write EVICTION+QUANTIZATION"
@@ -157,9 +170,29 @@ class Composed(Method):
         self.name = f"{self.eviction.name}+{self.quantization.name}"  # type: ignore[misc]
         self.uses_budget = self.eviction.uses_budget  # type: ignore[misc]
 
+    def _validate_selection(self, first: Components, second: Components) -> None:
+        name = f"{self.eviction.name}+{self.quantization.name}"
+        if second.scorer is not None or second.schedule is not Schedule.NEVER:
+            raise ValueError(
+                f"{name}: {self.quantization.name} evicts by itself; only a pure selection method (quest) "
+                "goes after the +"
+            )
+        if first.select is not None:
+            raise ValueError(f"{name}: {self.eviction.name} already selects; write EVICTION+quest")
+        select = second.select
+        if self.eviction.uses_budget and select.ratio is None and select.tokens is None:
+            raise ValueError(
+                f"{name}: the budget is what {self.eviction.name} keeps; give {self.quantization.name} its own "
+                "select_ratio or select_tokens (tokens attended per step)"
+            )
+        self.name = name  # type: ignore[misc]
+        self.uses_budget = self.eviction.uses_budget or self.quantization.uses_budget  # type: ignore[misc]
+
     def components(self) -> Components:
-        quantize = self.quantization.components().quantize
-        return dataclasses.replace(self.eviction.components(), quantize=quantize)
+        second = self.quantization.components()
+        if second.select is not None:
+            return dataclasses.replace(self.eviction.components(), select=second.select)
+        return dataclasses.replace(self.eviction.components(), quantize=second.quantize)
 
     def params(self) -> dict[str, object]:
         return {**self.eviction.params(), **self.quantization.params()}
@@ -172,7 +205,10 @@ def _compose(key: str, params: dict[str, object]) -> Composed:
     """``"EVICTION+QUANTIZATION"`` with each hyperparameter routed to the method that has it."""
     names = key.split("+")
     if len(names) != 2 or not all(names):
-        raise ValueError(f"a composed method is EVICTION+QUANTIZATION (e.g. snapkv+zipcache), got {key!r}")
+        raise ValueError(
+            f"a composed method is EVICTION+QUANTIZATION or EVICTION+SELECTION (e.g. snapkv+zipcache, "
+            f"snapkv+quest), got {key!r}"
+        )
     fields_of = {
         name: {f.name for f in hyperparameters(METHODS[name])} if name in METHODS else set() for name in names
     }

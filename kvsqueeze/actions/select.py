@@ -1,0 +1,296 @@
+"""Select: keep every row, and let each decode step attend to a query-dependent few (Quest, MPCache).
+
+Nothing is freed. The stored rows of each segment (one (sequence, KV head) pair) are cut into *pages* of
+``page_size`` consecutive rows in storage order, which is temporal order; each page is summarized by the
+per-channel minimum and maximum of its keys (post-RoPE, as the model attends them). At a one-token decode
+step each KV head scores its pages against the query, keeps the best ones plus the first page (the
+attention sinks) and the newest page (which holds the current token), and attention runs over the rows of
+those pages only: they are gathered into a short tensor, no full-length score matrix is built or masked.
+
+Two page scores (spec B, §4.1 and §2):
+
+* ``"bound"`` (Quest): ``sum_i max(q_i M_i, q_i m_i)``, an upper bound of ``q . k`` for any key of the page,
+  computed as ``q+ . M + q- . m``;
+* ``"linear"`` (MPCache): ``q . (alpha M + (1 - alpha) m)``, one representative per page, and a hierarchy:
+  pairs of pages (MPCache's 32-token clusters over its 16-token ones) are scored first, the top
+  ``coarse_ratio`` of them (with the first and the last) make their pages eligible, and the pages are then
+  chosen among those.
+
+GQA: a KV head's page score is the sum of its query heads' scores (``q+`` and ``q-`` are summed over the
+group for the bound, ``q`` for the linear score), so every head of a group reads the same rows.
+
+The page summaries are kept up to date as rows are appended: only the pages from the oldest changed one on
+are recomputed (at a decode step, the newest page). Anything else that changes rows (an eviction, a merge,
+quantization) marks them stale and they are rebuilt. Their bytes are counted with the cache's
+(:meth:`Select.nbytes`): a selecting cache holds every row plus ``2 / page_size`` of its keys' bytes.
+
+Plain PyTorch: no transformers import.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from kvsqueeze.attention.observation import Observation
+
+SCORES = ("bound", "linear")
+
+
+@dataclass
+class PageIndex:
+    """Per-channel key bounds of every page of every segment, as of the rows ``covered``."""
+
+    page_size: int
+    kmin: torch.Tensor | None = None  # (S, P, D) per-channel minimum of each page's keys
+    kmax: torch.Tensor | None = None  # (S, P, D) per-channel maximum
+    covered: torch.Tensor | None = None  # (S,) rows the bounds summarize
+    last_position: torch.Tensor | None = None  # (S,) position of the last summarized row (-1: none)
+
+    def nbytes(self) -> int:
+        """Bytes of the stored bounds (the metadata selection adds to the rows it keeps)."""
+        return sum(t.numel() * t.element_size() for t in (self.kmin, self.kmax) if t is not None)
+
+    def is_current(self, positions: torch.Tensor, lengths: torch.Tensor) -> bool:
+        """True when the summarized rows are still the first ``covered`` rows of every segment."""
+        if (
+            self.covered is None
+            or self.covered.shape != lengths.shape
+            or bool((lengths < self.covered).any())
+        ):
+            return False
+        last = (self.covered - 1).clamp(min=0)
+        now = positions.gather(1, last[:, None])[:, 0].long()  # (S,)
+        now = torch.where(self.covered > 0, now, torch.full_like(now, -1))
+        return bool((now == self.last_position).all())
+
+    def refresh(self, keys: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Bring the bounds up to date with the stored rows: keys (S, T, D), positions (S, T), lengths (S,).
+
+        Pages before the oldest one that gained rows are kept as they are; the others are recomputed.
+        """
+        s, _, d = keys.shape
+        size = self.page_size
+        pages = max(1, -(-int(lengths.max()) // size)) if s else 1
+        first = 0
+        if self.is_current(positions, lengths):
+            first = min(int(self.covered.min()) // size, self.kmin.shape[1])
+        start, stop = first * size, pages * size
+        chunk = keys[:, start:stop]  # (S, n * size or less, D)
+        width = stop - start
+        if chunk.shape[1] < width:  # the padded view ends at the longest segment's last row
+            chunk = torch.cat([chunk, chunk.new_zeros(s, width - chunk.shape[1], d)], dim=1)
+        chunk = chunk.view(s, -1, size, d)  # (S, n, size, D)
+        slot = torch.arange(start, stop, device=keys.device).view(1, -1, size, 1)
+        valid = slot < lengths.view(s, 1, 1, 1)  # (S, n, size, 1)
+        low = chunk.masked_fill(~valid, float("inf")).amin(dim=2)  # (S, n, D)
+        high = chunk.masked_fill(~valid, float("-inf")).amax(dim=2)
+        empty = ~valid.any(dim=2)  # (S, n, 1): pages past a segment's end
+        low, high = low.masked_fill(empty, 0), high.masked_fill(empty, 0)
+        if first == 0:
+            self.kmin, self.kmax = low, high
+        else:
+            self.kmin = torch.cat([self.kmin[:, :first], low], dim=1)
+            self.kmax = torch.cat([self.kmax[:, :first], high], dim=1)
+        self.covered = lengths.clone()
+        last = (lengths - 1).clamp(min=0)
+        pos = positions.gather(1, last[:, None])[:, 0].long()
+        self.last_position = torch.where(lengths > 0, pos, torch.full_like(pos, -1))
+
+
+@dataclass
+class Select:
+    """Query-aware page selection over every stored row (see the module docstring).
+
+    Args:
+        page_size: rows per page (Quest 16; MPCache's fine clusters 16).
+        score: ``"bound"`` (Quest) or ``"linear"`` (MPCache, weight ``alpha`` on the maximum).
+        alpha: MPCache's weight of the per-channel maximum (0.6).
+        coarse: pages per coarse cluster for a hierarchy (MPCache: 2, i.e. 32 tokens); 1 = one level.
+        coarse_ratio: share of coarse clusters whose pages stay eligible (MPCache's rho_1 = 0.5).
+        dense_layers: the first layers attend to every row (Quest: 2).
+        min_pages: at least this many pages per step (Quest's code: 3).
+        ratio, tokens: the selection budget, tokens attended per step: a ratio of the prompt or a count;
+            both None: the cache's budget.
+    """
+
+    page_size: int = 16
+    score: str = "bound"
+    alpha: float = 0.6
+    coarse: int = 1
+    coarse_ratio: float = 1.0
+    dense_layers: int = 0
+    min_pages: int = 3
+    ratio: float | None = None
+    tokens: int | None = None
+    index: PageIndex | None = field(default=None, repr=False)
+    token_budget: torch.Tensor | None = field(default=None, repr=False)  # (B,) tokens attended per step
+
+    def __post_init__(self) -> None:
+        if self.score not in SCORES:
+            raise ValueError(f"page score must be one of {', '.join(SCORES)}, got {self.score!r}")
+        if self.page_size < 1 or self.coarse < 1 or self.min_pages < 2:
+            raise ValueError("page_size and coarse must be >= 1 and min_pages >= 2")
+
+    # ------------------------------------------------------------------ state
+
+    def active(self, layer_idx: int) -> bool:
+        """Whether this layer selects (the first ``dense_layers`` attend densely)."""
+        return layer_idx >= self.dense_layers
+
+    def set_budget(self, prompt_lengths: torch.Tensor, cache_budget: torch.Tensor) -> None:
+        """Fix the tokens each step attends to per sequence (B,), from the prompt's real lengths (B,) and
+        the cache's budget in tokens (B,)."""
+        if self.tokens is not None:
+            self.token_budget = torch.full_like(prompt_lengths, self.tokens)
+        elif self.ratio is not None:
+            self.token_budget = torch.ceil(prompt_lengths.double() * self.ratio).long().clamp(min=1)
+        else:
+            self.token_budget = cache_budget.clone()
+
+    def invalidate(self) -> None:
+        """Rows changed other than by appending (eviction, merge, quantization): rebuild the bounds."""
+        if self.index is not None:
+            self.index.covered = None
+
+    def select_batch(self, indices: torch.Tensor) -> None:
+        """Keep sequences ``indices``; the bounds are rebuilt at the next step."""
+        if self.token_budget is not None:
+            self.token_budget = self.token_budget[indices]
+        self.index = None
+
+    def nbytes(self) -> int:
+        return 0 if self.index is None else self.index.nbytes()
+
+    def refresh(self, keys: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor) -> PageIndex:
+        """The page bounds of the stored rows (keys (S, T, D), positions (S, T), lengths (S,)), updated."""
+        if self.index is None:
+            self.index = PageIndex(self.page_size)
+        self.index.refresh(keys, positions, lengths)
+        return self.index
+
+    # ------------------------------------------------------------------ selection
+
+    def pages_per_segment(
+        self, lengths: torch.Tensor, num_kv_heads: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stored pages, pages to attend) per segment, each (S,) long: ``max(min_pages, budget // page_size)``
+        pages (Quest's rule), or every page when the budget covers the stored rows."""
+        pages = (lengths + self.page_size - 1) // self.page_size
+        budget = self.token_budget.repeat_interleave(num_kv_heads)  # (S,)
+        wanted = (budget // self.page_size).clamp(min=self.min_pages)
+        wanted = torch.where(budget >= lengths, pages, wanted)  # a budget covering the rows: all of them
+        return pages, torch.minimum(wanted, pages)
+
+    def choose_pages(
+        self,
+        query: torch.Tensor,  # (B, H, 1, D)
+        index: PageIndex,
+        lengths: torch.Tensor,  # (S,)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pages each segment attends to: (S, K) page indices in ascending order and (S, K) validity."""
+        b, h, _, d = query.shape
+        s = lengths.numel()
+        num_kv_heads = s // b
+        pages, count = self.pages_per_segment(lengths, num_kv_heads)
+        q = query.float().view(b, num_kv_heads, h // num_kv_heads, d).reshape(s, -1, d)  # (S, g, D)
+        n = index.kmin.shape[1]
+        slot = torch.arange(n, device=query.device)[None, :]  # (1, P)
+        exists = slot < pages[:, None]  # (S, P)
+        forced = (slot == 0) | (slot == (pages - 1)[:, None])  # the sinks' page and the newest page
+        scores = self.page_scores(q, index.kmin.float(), index.kmax.float())  # (S, P)
+        if self.coarse > 1:
+            scores = scores.masked_fill(~self.eligible(q, index, pages, count), float("-inf"))
+        ranked = scores.masked_fill(forced, float("inf")).masked_fill(~exists, float("-inf"))
+        k = int(count.max())
+        top = ranked.topk(k, dim=-1).indices  # (S, K) best first
+        chosen = torch.arange(k, device=query.device)[None, :] < count[:, None]  # (S, K)
+        chosen &= ranked.gather(1, top) > float("-inf")  # never an ineligible page
+        order = torch.where(chosen, top, n + top).sort(dim=-1).indices  # chosen pages first, ascending
+        return top.gather(1, order), chosen.gather(1, order)
+
+    def page_scores(self, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+        """(S, P) fp32 score of every page for the group's queries q (S, g, D), bounds (S, P, D)."""
+        if self.score == "bound":
+            positive, negative = q.clamp(min=0).sum(1), q.clamp(max=0).sum(1)  # (S, D)
+            return torch.einsum("sd,spd->sp", positive, kmax) + torch.einsum("sd,spd->sp", negative, kmin)
+        representative = self.alpha * kmax + (1 - self.alpha) * kmin  # (S, P, D)
+        return torch.einsum("sd,spd->sp", q.sum(1), representative)
+
+    def eligible(
+        self, q: torch.Tensor, index: PageIndex, pages: torch.Tensor, count: torch.Tensor
+    ) -> torch.Tensor:
+        """(S, P) bool: pages inside the chosen coarse clusters (MPCache's first level)."""
+        s, n, d = index.kmin.shape
+        c = self.coarse
+        clusters = -(-n // c)
+        pad = clusters * c - n
+        page_exists = torch.arange(n, device=q.device)[None, :] < pages[:, None]  # (S, P)
+        low = index.kmin.float().masked_fill(~page_exists[..., None], float("inf"))
+        high = index.kmax.float().masked_fill(~page_exists[..., None], float("-inf"))
+        if pad:
+            low = torch.cat([low, low.new_full((s, pad, d), float("inf"))], dim=1)
+            high = torch.cat([high, high.new_full((s, pad, d), float("-inf"))], dim=1)
+        low, high = low.view(s, clusters, c, d).amin(2), high.view(s, clusters, c, d).amax(2)  # (S, C, D)
+        stored = (pages + c - 1) // c  # (S,) coarse clusters holding rows
+        exists = torch.arange(clusters, device=q.device)[None, :] < stored[:, None]
+        low, high = low.masked_fill(~exists[..., None], 0), high.masked_fill(~exists[..., None], 0)
+        scores = self.page_scores(q, low, high)  # (S, C)
+        slot = torch.arange(clusters, device=q.device)[None, :]
+        forced = (slot == 0) | (slot == (stored - 1)[:, None])
+        ranked = scores.masked_fill(forced, float("inf")).masked_fill(~exists, float("-inf"))
+        # rho_1 of the clusters, and never fewer than the pages to attend need
+        wanted = torch.maximum((self.coarse_ratio * stored.double()).floor().long(), (count + c - 1) // c)
+        wanted = torch.minimum(wanted.clamp(min=2), stored)  # (S,)
+        k = int(wanted.max())
+        top = ranked.topk(k, dim=-1).indices  # (S, K1)
+        take = torch.arange(k, device=q.device)[None, :] < wanted[:, None]
+        chosen = torch.zeros(s, clusters, dtype=torch.bool, device=q.device).scatter_(1, top, take)
+        return chosen.repeat_interleave(c, dim=1)[:, :n] & page_exists
+
+    def gather(
+        self, obs: Observation
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The rows a one-token step attends to, or None when it attends to every stored row.
+
+        Returns keys and values (B, H_kv, K * page_size, D), their positions (B, H_kv, K * page_size) and
+        validity (bool, same shape): the rows of the chosen pages, in temporal order.
+        """
+        b, h_kv, t, d = obs.keys.shape
+        s = b * h_kv
+        lengths = obs.key_valid.view(s, t).sum(-1)  # (S,) rows are a prefix of each padded segment
+        pages, count = self.pages_per_segment(lengths, h_kv)
+        if bool((count >= pages).all()):
+            return None
+        keys = obs.keys.reshape(s, t, d)
+        positions = obs.key_positions.reshape(s, t)
+        index = self.refresh(keys, positions, lengths)
+        chosen_pages, chosen = self.choose_pages(obs.query, index, lengths)  # (S, K)
+        rows = chosen_pages[..., None] * self.page_size + torch.arange(self.page_size, device=keys.device)
+        rows = rows.view(s, -1)  # (S, K * page_size)
+        valid = chosen.repeat_interleave(self.page_size, dim=1) & (rows < lengths[:, None])
+        rows = rows.clamp(max=t - 1)
+        wide = rows[..., None].expand(-1, -1, d)
+        picked_keys = keys.gather(1, wide).view(b, h_kv, -1, d)
+        picked_values = obs.values.reshape(s, t, d).gather(1, wide).view(b, h_kv, -1, d)
+        picked_positions = positions.gather(1, rows).view(b, h_kv, -1)
+        return picked_keys, picked_values, picked_positions, valid.view(b, h_kv, -1)
+
+
+def selection_budget_text(ratio: float | None, tokens: int | None) -> str:
+    """How a selection budget reads in messages."""
+    if tokens is not None:
+        return f"{tokens} tokens"
+    return f"ratio {ratio:g}" if ratio is not None else "the cache's budget"
+
+
+def check_selection_budget(name: str, ratio: float | None, tokens: int | None) -> None:
+    """One-line ``ValueError`` for a selection budget out of range."""
+    if ratio is not None and tokens is not None:
+        raise ValueError(f"{name}: give select_ratio or select_tokens, not both")
+    if ratio is not None and not (0 < ratio <= 1 and not math.isnan(ratio)):
+        raise ValueError(f"{name}: select_ratio must be in (0, 1], got {ratio}")
+    if tokens is not None and tokens < 1:
+        raise ValueError(f"{name}: select_tokens must be >= 1, got {tokens}")

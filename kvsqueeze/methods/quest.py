@@ -1,0 +1,62 @@
+"""Quest (Tang et al., ICML'24, arXiv 2406.10774): query-aware page selection; nothing is evicted.
+
+Every row stays. Rows are grouped in pages of ``page_size = 16`` consecutive tokens, each summarized by the
+per-channel minimum and maximum of its keys; at every one-token decode step each KV head scores its pages by
+``sum_i max(q_i M_i, q_i m_i)`` (an upper bound of ``q . k`` in the page; GQA: summed over the group) and
+attends to the rows of the best ``max(3, budget // 16)`` pages only, the first page (attention sinks) and
+the newest page (the current token) always among them. Spec B §4.1; defaults from the official code
+(mit-han-lab/Quest): page size 16, at least 3 pages, the prompt and the first ``dense_layers = 2`` layers
+dense. A call of several tokens after the prompt (a question, a chunk) attends densely too, as Quest's
+prefill does; sliding-window layers (Gemma 3) attend densely to their window.
+
+The budget is the tokens each step attends to: a ratio of the prompt or a token count (the cache's
+budget, or ``select_ratio`` / ``select_tokens``, which composed methods need: ``snapkv+quest`` evicts to
+the cache's budget, then attends to ``select_ratio`` of the prompt per step). ``quest+kivi`` (or
+``kivi+quest``) selects over KIVI's quantized rows; the layer still dequantizes all of them each step, so
+that composition saves bytes and attention, not dequantization. Memory: every row plus the page bounds,
+``2 / page_size`` of the keys' bytes (``SqueezeCache.nbytes`` counts them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvsqueeze.actions.select import Select, check_selection_budget
+from kvsqueeze.methods.base import Components, Method, Schedule, register
+
+
+@register
+@dataclass
+class Quest(Method):
+    """Every row kept; each decode step attends to its top pages by Quest's key-bound score."""
+
+    name = "quest"
+    summary = (
+        "keeps every row; each decode step attends to the top 16-token pages by a key bound (query-aware)"
+    )
+    page_size: int = 16
+    dense_layers: int = 2
+    min_pages: int = 3
+    select_ratio: float | None = None
+    select_tokens: int | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.page_size < 1:
+            raise ValueError(f"quest: page_size must be >= 1, got {self.page_size}")
+        if self.min_pages < 2:
+            raise ValueError(
+                f"quest: min_pages must be >= 2 (the sinks' page and the newest), got {self.min_pages}"
+            )
+        check_selection_budget(self.name, self.select_ratio, self.select_tokens)
+
+    def components(self) -> Components:
+        select = Select(
+            page_size=self.page_size,
+            score="bound",
+            dense_layers=self.dense_layers,
+            min_pages=self.min_pages,
+            ratio=self.select_ratio,
+            tokens=self.select_tokens,
+        )
+        return Components(scorer=None, allocator=None, schedule=Schedule.NEVER, select=select)
