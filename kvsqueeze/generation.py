@@ -124,17 +124,22 @@ def generate(
 
     Args:
         model, tokenizer: from :func:`kvsqueeze.load_model` or any supported Hugging Face causal LM.
-        prompt: a string or a list of strings (batched with left padding).
+        prompt: a string or a list of strings (batched with left padding), or a prompt prepared by
+            :class:`kvsqueeze.reuse.KVReuse` (its cache is used as it is; ``method`` must be ``full``).
         method: a method name or a built method; ``budget``: ratio in (0, 1] or tokens.
         max_new_tokens, do_sample, temperature, top_p, seed: as in ``model.generate``.
         chat: wrap prompts in the tokenizer's chat template when it has one.
         **method_params: hyperparameter overrides for the method.
     """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if _is_prepared(prompt):
+        return _generate_prepared(
+            model, tokenizer, prompt, max_new_tokens, do_sample, temperature, top_p, seed, method
+        )
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
         raise ValueError("the prompt is empty")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     cache = SqueezeCache(model, method, budget, tokenizer=tokenizer, **method_params)
     inputs = encode_prompts(tokenizer, prompts, chat=chat).to(model.device)
     lengths = inputs["attention_mask"].sum(-1)
@@ -168,5 +173,62 @@ def generate(
         prefill_seconds=first - start,
         decode_seconds=last - first,
         compression_seconds=cache.compression_seconds(),
+        token_ids=new,
+    )
+
+
+def _is_prepared(prompt: object) -> bool:
+    """A :class:`kvsqueeze.reuse.ReusedPrompt` (ids plus a cache of all but the last token)."""
+    return hasattr(prompt, "input_ids") and hasattr(prompt, "cache") and hasattr(prompt, "reused_tokens")
+
+
+def _generate_prepared(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prepared: object,
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    method: str | Method,
+) -> GenerationResult:
+    """:func:`generate` from a prompt whose cache a reuse policy built; its prefill is that policy's time
+    plus the last token's forward."""
+    if method != "full":
+        raise ValueError("a prepared (reused) prompt brings its own cache: use method='full'")
+    ids = prepared.input_ids.to(model.device)
+    check_prompt_length(model, ids.shape[1], max_new_tokens)
+    if seed is not None:
+        torch.manual_seed(seed)
+    clock = _StepClock()
+    sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+    start = time.perf_counter()
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        cache=prepared.cache,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        logits_processor=LogitsProcessorList([clock]),
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        **sampling,
+    )
+    end = time.perf_counter()
+    new = out[:, ids.shape[1] :]
+    first = clock.times[0] if clock.times else end
+    last = clock.times[-1] if clock.times else end
+    nbytes = sum(t.numel() * t.element_size() for layer in prepared.cache.layers for t in (layer.keys, layer.values))
+    return GenerationResult(
+        texts=tokenizer.batch_decode(new, skip_special_tokens=True),
+        method=f"reuse:{prepared.policy}",
+        budget="1.0",
+        prompt_tokens=[ids.shape[1]],
+        new_tokens=new.shape[1],
+        cache_bytes=nbytes,
+        full_cache_bytes=nbytes,
+        prefill_seconds=prepared.seconds + (first - start),
+        decode_seconds=last - first,
+        compression_seconds=0.0,
         token_ids=new,
     )
