@@ -135,6 +135,14 @@ class SegmentStore:
         self._bytes += size
         return True
 
+    def copy(self) -> SegmentStore:
+        """A store holding the same segments (tensors shared, not copied) with its own LRU order."""
+        other = SegmentStore(self.max_bytes, bits=self.bits, group_size=self.group_size)
+        other._entries = OrderedDict(self._entries)
+        other._ids = dict(self._ids)
+        other._bytes = self._bytes
+        return other
+
     def clear(self) -> None:
         self._entries.clear()
         self._ids.clear()
