@@ -23,6 +23,9 @@ from kvsqueeze.bench.multiagent import make_queries, run_multiagent
 from kvsqueeze.bench.report import replace_block
 
 ROOT = Path(__file__).resolve().parent.parent
+# a generic system turn and the opening of a user turn: stored segments are computed in the context they are
+# used in (spec B §3.1: "after the same BOS/system prefix, then dropped"); each agent's own system text differs
+SYSTEM_HEADER = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 
 
 def table(summary: dict[str, dict]) -> str:
@@ -48,6 +51,11 @@ def main() -> None:
     parser.add_argument("--doc-words", type=int, default=800, help="prose drawn per document")
     parser.add_argument("--doc-tokens", type=int, default=900, help="documents cut to this many tokens")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--header",
+        default=SYSTEM_HEADER,
+        help="what stored segments are computed after, then dropped ('bos': the tokenizer's BOS token)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "docs" / "bench" / "reuse" / "multiagent.json"))
     parser.add_argument("--write", action="store_true")
@@ -59,7 +67,10 @@ def main() -> None:
         args.queries, args.doc_words, seed=args.seed, tokenizer=tokenizer, doc_tokens=args.doc_tokens
     )
     doc_tokens = [len(tokenizer(q.document, add_special_tokens=False)["input_ids"]) for q in queries]
-    result = run_multiagent(model, tokenizer, queries, num_agents=args.agents, log=lambda s: print(s, flush=True))
+    header = None if args.header == "bos" else args.header
+    result = run_multiagent(
+        model, tokenizer, queries, num_agents=args.agents, header=header, log=lambda s: print(s, flush=True)
+    )
     summary = result["summary"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -68,6 +79,7 @@ def main() -> None:
     command = (
         f".venv/bin/python scripts/reuse_report.py --write --model {args.model} --queries {args.queries} "
         f"--agents {args.agents} --doc-words {args.doc_words} --doc-tokens {args.doc_tokens} --seed {args.seed}"
+        + ("" if args.header == SYSTEM_HEADER else f" --header {args.header!r}")
     )
     body = "\n".join(
         [
@@ -77,6 +89,8 @@ def main() -> None:
             "corpus), prompts {min(prompt_tokens)}-"
             f"{max(prompt_tokens)} tokens; agent k reads the document, the question and agents 1..k-1's answers. "
             f"Command: `{command}` (records in `{out.relative_to(ROOT)}`).",
+            f"Stored segments are computed after the header {json.dumps(args.header)} (then dropped); an agent's "
+            "answer, as later agents read it, is its first sentence.",
             "",
             table(summary),
             "",

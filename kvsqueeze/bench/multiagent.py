@@ -108,6 +108,12 @@ def agent_prompt(role: str, query: Query, answers: list[str]) -> list[Segment]:
     return segments
 
 
+def first_sentence(text: str) -> str:
+    """The answer as later agents read it: its first line, up to the end of its first sentence."""
+    line = text.strip().split("\n")[0].strip()
+    return re.split(r"(?<=[.!?])\s", line, maxsplit=1)[0] or "(empty)"
+
+
 def first_code(text: str) -> str | None:
     match = re.search(r"\d{4}", text)
     return match.group(0) if match else None
@@ -121,19 +127,22 @@ def run_multiagent(
     policies: tuple[str, ...] = ("full", "plain", "cacheblend", "kvcomm"),
     num_agents: int = 5,
     max_new_tokens: int = 16,
+    header: str | None = None,
     log=print,
 ) -> dict:
     """Run every policy over ``queries`` with ``num_agents`` agents; returns per-call records and, per
-    policy, the summary figures (see the module doc)."""
+    policy, the summary figures (see the module doc). ``header``: what stored segments are computed
+    after (``KVReuse``'s; default its BOS token). An agent's answer, as later agents read it, is its
+    first line up to the end of its first sentence."""
     if num_agents > len(ROLES):
         raise ValueError(f"at most {len(ROLES)} agents (one role each), got {num_agents}")
     indexed = SegmentStore(2**34)
     index_start = time.perf_counter()
-    indexer = KVReuse(model, tokenizer, "plain", store=indexed)
+    indexer = KVReuse(model, tokenizer, "plain", store=indexed, header=header)
     for query in queries:
         indexer.add(query.document)
     index_seconds = time.perf_counter() - index_start
-    reusers = {p: KVReuse(model, tokenizer, p, store=indexed.copy()) for p in policies}
+    reusers = {p: KVReuse(model, tokenizer, p, store=indexed.copy(), header=header) for p in policies}
     records: list[dict] = []
     for qi, query in enumerate(queries):
         for policy, reuse in reusers.items():
@@ -141,7 +150,7 @@ def run_multiagent(
             for k in range(num_agents):
                 prepared = reuse.prepare(agent_prompt(ROLES[k], query, answers))
                 result = generate(model, tokenizer, prepared, max_new_tokens=max_new_tokens)
-                text = result.text.strip().split("\n")[0].strip() or "(empty)"
+                text = first_sentence(result.text)
                 answers.append(text)
                 records.append(
                     {
