@@ -41,17 +41,34 @@ SCORES = ("bound", "linear")
 
 @dataclass
 class PageIndex:
-    """Per-channel key bounds of every page of every segment, as of the rows ``covered``."""
+    """Per-channel key bounds of every page of every segment, as of the rows ``covered``.
+
+    The bounds live in buffers with room for a few more pages (``GROWTH``), so a decode step writes its
+    newest page in place instead of copying every bound; :meth:`nbytes` counts the buffers as allocated.
+    """
 
     page_size: int
-    kmin: torch.Tensor | None = None  # (S, P, D) per-channel minimum of each page's keys
-    kmax: torch.Tensor | None = None  # (S, P, D) per-channel maximum
     covered: torch.Tensor | None = None  # (S,) rows the bounds summarize
     last_position: torch.Tensor | None = None  # (S,) position of the last summarized row (-1: none)
+    pages: int = 0  # pages of the longest segment
+    _low: torch.Tensor | None = None  # (S, capacity, D) buffer of per-channel minima
+    _high: torch.Tensor | None = None  # (S, capacity, D) buffer of per-channel maxima
+
+    GROWTH = 1 / 16  # spare pages allocated when the buffers grow, as a share of the pages (at least 4)
+
+    @property
+    def kmin(self) -> torch.Tensor | None:
+        """(S, P, D) per-channel minimum of each page's keys (0 for pages past a segment's rows)."""
+        return None if self._low is None else self._low[:, : self.pages]
+
+    @property
+    def kmax(self) -> torch.Tensor | None:
+        """(S, P, D) per-channel maximum of each page's keys."""
+        return None if self._high is None else self._high[:, : self.pages]
 
     def nbytes(self) -> int:
         """Bytes of the stored bounds (the metadata selection adds to the rows it keeps)."""
-        return sum(t.numel() * t.element_size() for t in (self.kmin, self.kmax) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self._low, self._high) if t is not None)
 
     def is_current(self, positions: torch.Tensor, lengths: torch.Tensor) -> bool:
         """True when the summarized rows are still the first ``covered`` rows of every segment."""
@@ -76,7 +93,7 @@ class PageIndex:
         pages = max(1, -(-int(lengths.max()) // size)) if s else 1
         first = 0
         if self.is_current(positions, lengths):
-            first = min(int(self.covered.min()) // size, self.kmin.shape[1])
+            first = min(int(self.covered.min()) // size, self.pages)
         start, stop = first * size, pages * size
         chunk = keys[:, start:stop]  # (S, n * size or less, D)
         width = stop - start
@@ -89,11 +106,20 @@ class PageIndex:
         high = chunk.masked_fill(~valid, float("-inf")).amax(dim=2)
         empty = ~valid.any(dim=2)  # (S, n, 1): pages past a segment's end
         low, high = low.masked_fill(empty, 0), high.masked_fill(empty, 0)
-        if first == 0:
-            self.kmin, self.kmax = low, high
-        else:
-            self.kmin = torch.cat([self.kmin[:, :first], low], dim=1)
-            self.kmax = torch.cat([self.kmax[:, :first], high], dim=1)
+        fits = self._low is not None and self._low.shape[0] == s and self._low.shape[1] >= pages
+        if fits and self._low.is_inference() and not torch.is_inference_mode_enabled():
+            fits = False  # built under inference_mode (a prefill), updated outside it: copy once
+        if not fits:
+            capacity = pages + max(4, int(pages * self.GROWTH))
+            old_low, old_high = self._low, self._high
+            self._low = keys.new_zeros(s, capacity, d)
+            self._high = keys.new_zeros(s, capacity, d)
+            if first > 0:
+                self._low[:, :first] = old_low[:, :first]
+                self._high[:, :first] = old_high[:, :first]
+        self._low[:, first:pages] = low
+        self._high[:, first:pages] = high
+        self.pages = pages
         self.covered = lengths.clone()
         last = (lengths - 1).clamp(min=0)
         pos = positions.gather(1, last[:, None])[:, 0].long()
@@ -190,55 +216,62 @@ class Select:
         index: PageIndex,
         lengths: torch.Tensor,  # (S,)
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pages each segment attends to: (S, K) page indices in ascending order and (S, K) validity."""
+        """The pages each segment attends to: (S, K) page indices and (S, K) validity.
+
+        Each row is the sinks' page, then the best other pages, then the newest page, so the newest page's
+        unfilled slots come last.
+        """
         b, h, _, d = query.shape
         s = lengths.numel()
         num_kv_heads = s // b
         pages, count = self.pages_per_segment(lengths, num_kv_heads)
         q = query.float().view(b, num_kv_heads, h // num_kv_heads, d).reshape(s, -1, d)  # (S, g, D)
-        n = index.kmin.shape[1]
-        slot = torch.arange(n, device=query.device)[None, :]  # (1, P)
-        exists = slot < pages[:, None]  # (S, P)
-        forced = (slot == 0) | (slot == (pages - 1)[:, None])  # the sinks' page and the newest page
         scores = self.page_scores(q, index.kmin.float(), index.kmax.float())  # (S, P)
+        newest = pages - 1  # (S,)
         if self.coarse > 1:
             scores = scores.masked_fill(~self.eligible(q, index, pages, count), float("-inf"))
-        ranked = scores.masked_fill(forced, float("inf")).masked_fill(~exists, float("-inf"))
-        k = int(count.max())
-        top = ranked.topk(k, dim=-1).indices  # (S, K) best first
-        chosen = torch.arange(k, device=query.device)[None, :] < count[:, None]  # (S, K)
-        chosen &= ranked.gather(1, top) > float("-inf")  # never an ineligible page
-        order = torch.where(chosen, top, n + top).sort(dim=-1).indices  # chosen pages first, ascending
-        return top.gather(1, order), chosen.gather(1, order)
+        slot = torch.arange(scores.shape[1], device=query.device)[None, :]
+        scores = scores.masked_fill(slot >= newest[:, None], float("-inf"))  # the newest and past it
+        scores[:, 0] = float("-inf")  # the sinks' page: always in, first
+        k = max(0, int(count.max()) - 2)
+        middle = scores.topk(k, dim=-1).indices  # (S, k) best first
+        taken = torch.arange(k, device=query.device)[None, :] < (count - 2)[:, None]  # (S, k)
+        if self.coarse > 1:
+            taken &= scores.gather(1, middle) > float("-inf")  # never an ineligible page
+        first = torch.zeros(s, 1, dtype=torch.long, device=query.device)
+        chosen_pages = torch.cat([first, middle, newest[:, None]], dim=1)  # (S, k + 2)
+        ok = torch.cat([torch.ones_like(first, dtype=torch.bool), taken, (newest > 0)[:, None]], dim=1)
+        return chosen_pages, ok
 
     def page_scores(self, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
         """(S, P) fp32 score of every page for the group's queries q (S, g, D), bounds (S, P, D)."""
         if self.score == "bound":
             positive, negative = q.clamp(min=0).sum(1), q.clamp(max=0).sum(1)  # (S, D)
-            return torch.einsum("sd,spd->sp", positive, kmax) + torch.einsum("sd,spd->sp", negative, kmin)
-        representative = self.alpha * kmax + (1 - self.alpha) * kmin  # (S, P, D)
-        return torch.einsum("sd,spd->sp", q.sum(1), representative)
+            return _matvec(kmax, positive) + _matvec(kmin, negative)
+        summed = q.sum(1)  # (S, D): q . rep summed over the group = (sum of q) . rep
+        return self.alpha * _matvec(kmax, summed) + (1 - self.alpha) * _matvec(kmin, summed)
 
     def eligible(
         self, q: torch.Tensor, index: PageIndex, pages: torch.Tensor, count: torch.Tensor
     ) -> torch.Tensor:
-        """(S, P) bool: pages inside the chosen coarse clusters (MPCache's first level)."""
+        """(S, P) bool: pages inside the chosen coarse clusters (MPCache's first level).
+
+        A coarse cluster's bounds are its pages' (the minimum of their minima, the maximum of their
+        maxima). Only a segment's last coarse cluster can hold a page past its rows, and that cluster is
+        always chosen, so no bound needs masking; a trailing partial cluster is scored as forced.
+        """
         s, n, d = index.kmin.shape
         c = self.coarse
+        whole = n // c  # clusters of c stored page slots
         clusters = -(-n // c)
-        pad = clusters * c - n
-        page_exists = torch.arange(n, device=q.device)[None, :] < pages[:, None]  # (S, P)
-        low = index.kmin.float().masked_fill(~page_exists[..., None], float("inf"))
-        high = index.kmax.float().masked_fill(~page_exists[..., None], float("-inf"))
-        if pad:
-            low = torch.cat([low, low.new_full((s, pad, d), float("inf"))], dim=1)
-            high = torch.cat([high, high.new_full((s, pad, d), float("-inf"))], dim=1)
-        low, high = low.view(s, clusters, c, d).amin(2), high.view(s, clusters, c, d).amax(2)  # (S, C, D)
+        low = index.kmin[:, : whole * c].view(s, whole, c, d).amin(2)  # (S, C', D) views, then reduced
+        high = index.kmax[:, : whole * c].view(s, whole, c, d).amax(2)
+        scores = self.page_scores(q, low.float(), high.float())  # (S, C')
+        if clusters > whole:
+            scores = torch.cat([scores, scores.new_full((s, 1), float("inf"))], dim=1)  # (S, C)
         stored = (pages + c - 1) // c  # (S,) coarse clusters holding rows
-        exists = torch.arange(clusters, device=q.device)[None, :] < stored[:, None]
-        low, high = low.masked_fill(~exists[..., None], 0), high.masked_fill(~exists[..., None], 0)
-        scores = self.page_scores(q, low, high)  # (S, C)
         slot = torch.arange(clusters, device=q.device)[None, :]
+        exists = slot < stored[:, None]
         forced = (slot == 0) | (slot == (stored - 1)[:, None])
         ranked = scores.masked_fill(forced, float("inf")).masked_fill(~exists, float("-inf"))
         # rho_1 of the clusters, and never fewer than the pages to attend need
@@ -248,6 +281,7 @@ class Select:
         top = ranked.topk(k, dim=-1).indices  # (S, K1)
         take = torch.arange(k, device=q.device)[None, :] < wanted[:, None]
         chosen = torch.zeros(s, clusters, dtype=torch.bool, device=q.device).scatter_(1, top, take)
+        page_exists = torch.arange(n, device=q.device)[None, :] < pages[:, None]  # (S, P)
         return chosen.repeat_interleave(c, dim=1)[:, :n] & page_exists
 
     def gather(
@@ -256,7 +290,7 @@ class Select:
         """The rows a one-token step attends to, or None when it attends to every stored row.
 
         Returns keys and values (B, H_kv, K * page_size, D), their positions (B, H_kv, K * page_size) and
-        validity (bool, same shape): the rows of the chosen pages, in temporal order.
+        validity (bool, same shape): the rows of the chosen pages, page by page (see :meth:`choose_pages`).
         """
         b, h_kv, t, d = obs.keys.shape
         s = b * h_kv
@@ -271,11 +305,16 @@ class Select:
         rows = chosen_pages[..., None] * self.page_size + torch.arange(self.page_size, device=keys.device)
         rows = rows.view(s, -1)  # (S, K * page_size)
         valid = chosen.repeat_interleave(self.page_size, dim=1) & (rows < lengths[:, None])
-        rows = rows.clamp(max=t - 1)
-        wide = rows[..., None].expand(-1, -1, d)
-        picked_keys = keys.gather(1, wide).view(b, h_kv, -1, d)
-        picked_values = obs.values.reshape(s, t, d).gather(1, wide).view(b, h_kv, -1, d)
-        picked_positions = positions.gather(1, rows).view(b, h_kv, -1)
+        width = valid.sum(-1)  # (S,) rows attended per segment
+        if bool((width == width[0]).all()) and bool(valid[:, : int(width[0])].all()):
+            # every segment reads a prefix of its slots (the newest page's unfilled slots trail): drop the
+            # tail and attend without a mask
+            rows, valid = rows[:, : int(width[0])], valid[:, : int(width[0])]
+        segment = t * torch.arange(s, device=keys.device)[:, None]
+        flat = (rows.clamp(max=t - 1) + segment).reshape(-1)  # (S * K,) into the packed (S * T) rows
+        picked_keys = keys.reshape(s * t, d).index_select(0, flat).view(b, h_kv, -1, d)
+        picked_values = obs.values.reshape(s * t, d).index_select(0, flat).view(b, h_kv, -1, d)
+        picked_positions = positions.reshape(-1).index_select(0, flat).view(b, h_kv, -1)
         return picked_keys, picked_values, picked_positions, valid.view(b, h_kv, -1)
 
 
@@ -294,3 +333,8 @@ def check_selection_budget(name: str, ratio: float | None, tokens: int | None) -
         raise ValueError(f"{name}: select_ratio must be in (0, 1], got {ratio}")
     if tokens is not None and tokens < 1:
         raise ValueError(f"{name}: select_tokens must be >= 1, got {tokens}")
+
+
+def _matvec(bounds: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """(S, P) = bounds (S, P, D) @ vector (S, D), one batched matrix-vector product."""
+    return torch.einsum("spd,sd->sp", bounds, vector)  # faster than bmm for one vector on CPU
