@@ -215,6 +215,7 @@ class Select:
         query: torch.Tensor,  # (B, H, 1, D)
         index: PageIndex,
         lengths: torch.Tensor,  # (S,)
+        counts: tuple[torch.Tensor, torch.Tensor] | None = None,  # pages_per_segment, when known
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The pages each segment attends to: (S, K) page indices and (S, K) validity.
 
@@ -224,7 +225,7 @@ class Select:
         b, h, _, d = query.shape
         s = lengths.numel()
         num_kv_heads = s // b
-        pages, count = self.pages_per_segment(lengths, num_kv_heads)
+        pages, count = counts if counts is not None else self.pages_per_segment(lengths, num_kv_heads)
         q = query.float().view(b, num_kv_heads, h // num_kv_heads, d).reshape(s, -1, d)  # (S, g, D)
         scores = self.page_scores(q, index.kmin.float(), index.kmax.float())  # (S, P)
         newest = pages - 1  # (S,)
@@ -290,7 +291,8 @@ class Select:
         """The rows a one-token step attends to, or None when it attends to every stored row.
 
         Returns keys and values (B, H_kv, K * page_size, D), their positions (B, H_kv, K * page_size) and
-        validity (bool, same shape): the rows of the chosen pages, page by page (see :meth:`choose_pages`).
+        validity (bool, same shape; None when every gathered row is a stored row): the rows of the chosen
+        pages, page by page (see :meth:`choose_pages`).
         """
         b, h_kv, t, d = obs.keys.shape
         s = b * h_kv
@@ -301,7 +303,7 @@ class Select:
         keys = obs.keys.reshape(s, t, d)
         positions = obs.key_positions.reshape(s, t)
         index = self.refresh(keys, positions, lengths)
-        chosen_pages, chosen = self.choose_pages(obs.query, index, lengths)  # (S, K)
+        chosen_pages, chosen = self.choose_pages(obs.query, index, lengths, (pages, count))  # (S, K)
         rows = chosen_pages[..., None] * self.page_size + torch.arange(self.page_size, device=keys.device)
         rows = rows.view(s, -1)  # (S, K * page_size)
         valid = chosen.repeat_interleave(self.page_size, dim=1) & (rows < lengths[:, None])
@@ -309,13 +311,18 @@ class Select:
         if bool((width == width[0]).all()) and bool(valid[:, : int(width[0])].all()):
             # every segment reads a prefix of its slots (the newest page's unfilled slots trail): drop the
             # tail and attend without a mask
-            rows, valid = rows[:, : int(width[0])], valid[:, : int(width[0])]
+            rows, valid = rows[:, : int(width[0])], None
         segment = t * torch.arange(s, device=keys.device)[:, None]
         flat = (rows.clamp(max=t - 1) + segment).reshape(-1)  # (S * K,) into the packed (S * T) rows
         picked_keys = keys.reshape(s * t, d).index_select(0, flat).view(b, h_kv, -1, d)
         picked_values = obs.values.reshape(s * t, d).index_select(0, flat).view(b, h_kv, -1, d)
         picked_positions = positions.reshape(-1).index_select(0, flat).view(b, h_kv, -1)
-        return picked_keys, picked_values, picked_positions, valid.view(b, h_kv, -1)
+        return (
+            picked_keys,
+            picked_values,
+            picked_positions,
+            None if valid is None else valid.view(b, h_kv, -1),
+        )
 
 
 def selection_budget_text(ratio: float | None, tokens: int | None) -> str:

@@ -337,11 +337,11 @@ class SqueezeLayer(CacheLayerMixin):
         if self._selects(obs):
             picked = self.components.select.gather(obs)
             if picked is not None:  # attend to the chosen pages' rows only
-                keys, values, positions, valid = picked  # (B, H_kv, K, D), ..., (B, H_kv, K)
-                visible = valid & (positions <= obs.query_positions[:, None, :])  # one query per sequence
+                keys, values, positions, valid = picked  # (B, H_kv, K, D), ..., (B, H_kv, K) or None
+                # one query per sequence, the newest: every stored row of a full-attention layer is visible
                 mask = None
-                if not bool(visible.all()):
-                    mask = visible[:, :, None, :].repeat_interleave(obs.group_size, dim=1)  # (B, H, 1, K)
+                if valid is not None and not bool(valid.all()):
+                    mask = valid[:, :, None, :].repeat_interleave(obs.group_size, dim=1)  # (B, H, 1, K)
                 out, _ = sdpa_attention_forward(
                     module, obs.query, keys, values, mask, dropout=dropout, scaling=obs.scaling
                 )
