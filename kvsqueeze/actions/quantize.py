@@ -16,10 +16,16 @@ When rows are quantized (spec B §1d, §4.2):
 With a split scheme (``scheme.splits``), ``saliency`` ranks the rows of a block: the keys of the least
 salient ``floor(key_ratio * n)`` and the values of the least salient ``floor(value_ratio * n)`` are
 stored at low bits.
+
+``layer_bits`` gives each layer its own bit widths, ``(key_bits, value_bits)`` per layer (a searched bit
+profile, ``kvsqueeze tune --bytes``): layer ``i`` stores its rows with :meth:`Quantize.scheme_for` ``(i)``,
+the scheme with those bits for its keys and values (for a split scheme, its high set's; the low set keeps
+``low_bits``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +33,7 @@ import torch
 from kvsqueeze.attention.observation import Observation
 from kvsqueeze.cache.packed import PackedRows
 from kvsqueeze.quantization.budget import KVQuantScheme
+from kvsqueeze.quantization.packing import check_bits
 from kvsqueeze.scorers.base import Scorer
 
 
@@ -38,6 +45,7 @@ class Quantize:
     block: int  # rows quantized together during decode (and the remainder unit with keep_remainder)
     keep_remainder: bool = False  # after the prompt, the last (n mod block) rows stay in full precision
     saliency: Scorer | None = None  # ranks rows for a split scheme
+    layer_bits: tuple[tuple[int, int], ...] | None = None  # per layer (key bits, value bits); None: scheme's
 
     def __post_init__(self) -> None:
         if self.block < 1:
@@ -48,10 +56,28 @@ class Quantize:
             raise ValueError(
                 f"quantization block {self.block} must be a multiple of the key group size {group}"
             )
+        for pair in self.layer_bits or ():
+            for bits in pair:
+                check_bits(bits)
         if self.scheme.splits and self.saliency is None:
             raise ValueError(
                 f"scheme {self.scheme.name!r} splits rows by saliency; give it a saliency scorer"
             )
+
+    def scheme_for(self, layer_idx: int) -> KVQuantScheme:
+        """The scheme layer ``layer_idx`` stores its rows with: ``scheme``, with that layer's bits if set."""
+        if self.layer_bits is None:
+            return self.scheme
+        key_bits, value_bits = self.layer_bits[layer_idx]
+        return dataclasses.replace(self.scheme, key_bits=key_bits, value_bits=value_bits)
+
+    def check(self, num_layers: int, head_dim: int) -> None:
+        """A one-line ``ValueError`` unless every layer of a model with ``num_layers`` layers of heads of
+        ``head_dim`` channels can be stored this way."""
+        if self.layer_bits is not None and len(self.layer_bits) != num_layers:
+            raise ValueError(f"the bit profile has {len(self.layer_bits)} layers, the model {num_layers}")
+        for layer_idx in range(num_layers if self.layer_bits is not None else 1):
+            self.scheme_for(layer_idx).check_head_dim(head_dim)
 
     def due(self, residual: PackedRows, is_prefill: bool) -> torch.Tensor | None:
         """(S, T_res) bool: the residual rows to quantize now, or None when there are none."""

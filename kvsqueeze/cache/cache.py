@@ -81,7 +81,7 @@ class SqueezeCache(Cache):
         n = text.num_hidden_layers
         rotations: list[KeyRotation | None] = [None] * n
         if quantize is not None:
-            quantize.scheme.check_head_dim(head_dim_of(text))
+            quantize.check(n, head_dim_of(text))
             if quantize.scheme.key_pre_rope:
                 rotations = key_rotations(text)
         self._model_config = config

@@ -435,7 +435,8 @@ class SqueezeLayer(CacheLayerMixin):
             return
         start = time.perf_counter()
         if not isinstance(self.rows, TieredRows):
-            self.rows = TieredRows(self.rows, quant.scheme, self.dtype, self.key_rotation)
+            scheme = quant.scheme_for(self.layer_idx)
+            self.rows = TieredRows(self.rows, scheme, self.dtype, self.key_rotation)
         due = quant.due(self.rows.residual, obs.is_prefill)  # (S, T_res)
         if due is None:
             return

@@ -201,7 +201,8 @@ class TieredRows:
     Args:
         residual: the layer's full-precision rows (fields ``keys``, ``values``, ``positions`` and any
             per-row state); it becomes the residual, and :meth:`quantize` moves rows out of it.
-        scheme: how rows are quantized: one tier at ``scheme.bits``; when the scheme splits tokens
+        scheme: how rows are quantized: one tier at ``scheme.high_key_bits`` for keys and
+            ``scheme.high_value_bits`` for values (both ``scheme.bits`` unless set); when it splits tokens
             (ZipCache), a tier for each (key bits, value bits) pair its key and value ratios can produce:
             ``low_bits`` for both, and with different ratios ``low_bits`` for only the keys or only the
             values. Each tier has its own key parameters, so with different ratios the high-bit keys are
@@ -231,8 +232,8 @@ class TieredRows:
         self.tiers = [
             QuantizedTier(
                 scheme,
-                scheme.low_bits if key_low else scheme.bits,
-                scheme.low_bits if value_low else scheme.bits,
+                scheme.low_bits if key_low else scheme.high_key_bits,
+                scheme.low_bits if value_low else scheme.high_value_bits,
                 residual.num_segments,
                 keys.shape[-1],
                 keys.device,

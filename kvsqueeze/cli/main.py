@@ -1,4 +1,5 @@
-"""The ``kvsqueeze`` command line: generate, methods, models, info, bench, profile, calibrate, serve, demo.
+"""The ``kvsqueeze`` command line: generate, methods, models, info, bench, profile, calibrate, tune, serve,
+demo.
 
 User errors (unknown method, bad budget, empty prompt, missing model package, ...) print one line on
 stderr and exit with status 2; no stack trace.
@@ -10,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from kvsqueeze.cli import calibrate, commands, serve
+from kvsqueeze.cli import calibrate, commands, serve, tune
 from kvsqueeze.cli.commands import DTYPES
 from kvsqueeze.cli.params import parse_assignment
 
@@ -55,7 +56,10 @@ def _add_method(p: argparse.ArgumentParser, default_method: str, default_budget:
         metavar="NAME=VALUE",
         help="method hyperparameter",
     )
-    p.add_argument("--profile", help="layer profile JSON from `kvsqueeze profile` (offline layer budgets)")
+    p.add_argument(
+        "--profile",
+        help="layer profile JSON from `kvsqueeze profile` or `kvsqueeze tune` (layer budgets or bits)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--baseline", choices=["kvpress"], default=None, help="add kvpress presses side by side"
     )
-    bench.add_argument("--profile", help="layer profile JSON applied to every method (label: +profile)")
+    bench.add_argument("--profile", help="layer profile JSON applied to every method (label: +<file name>)")
     bench.add_argument("--out", default="bench-out", help="output folder (JSON per run, results.md, plots)")
     bench.set_defaults(run=commands.run_bench)
 
@@ -129,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.set_defaults(run=commands.run_profile)
 
     calibrate.add_parser(sub)
+    tune.add_parser(sub)
     serve.add_parser(sub)
 
     demo = sub.add_parser(

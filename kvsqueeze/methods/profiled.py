@@ -6,6 +6,13 @@ that sizes layers adaptively (PrefixKV by default) and writes a JSON file; :func
 ``--profile FILE`` on the command line) gives a method those layer budgets instead of its own allocator.
 
 A profile is a shape: its ratios are rescaled so their mean is the budget you ask for (capped at 1).
+
+A profile may also give each layer its own bit widths, ``key_bits`` and ``value_bits`` (``kvsqueeze tune
+--bytes``, :mod:`kvsqueeze.tune.bits`): with a quantizing method (``kivi``, ``zipcache``, ``h2o+kivi``)
+layer ``i`` then stores its keys at ``key_bits[i]`` and its values at ``value_bits[i]`` bits
+(:attr:`~kvsqueeze.actions.quantize.Quantize.layer_bits`; for zipcache, its salient set's bits). Such a
+profile may carry no keep ratios, and then leaves the layer budgets to the method. Profile files written
+before bits existed load unchanged.
 """
 
 from __future__ import annotations
@@ -20,25 +27,47 @@ import torch
 
 from kvsqueeze.allocators.base import Allocator, LayerRequest
 from kvsqueeze.methods.base import Components, Method
+from kvsqueeze.quantization.packing import SUPPORTED_BITS
 
 
 @dataclass
 class LayerProfile:
-    """Kept ratio per layer, averaged over calibration prompts, and how it was measured."""
+    """Kept ratio and/or bit widths per layer, measured on calibration prompts or searched, and how.
 
-    keep_ratios: list[float]
+    ``keep_ratios`` (may be empty when bits are given) shape the layer budgets; ``key_bits`` and
+    ``value_bits`` (both or neither, 2, 4 or 8 each) are the bits a quantizing method stores each layer's
+    keys and values at.
+    """
+
+    keep_ratios: list[float] = field(default_factory=list)
     model: str = ""
     method: str = ""
     budget: float = 0.0
     num_prompts: int = 0
     prompt_tokens: list[int] = field(default_factory=list)
+    search: dict = field(default_factory=dict)  # how ``kvsqueeze tune`` found it (empty: measured)
+    key_bits: list[int] = field(default_factory=list)  # per layer, for a quantizing method (empty: its own)
+    value_bits: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        ratios = self.keep_ratios
-        if not isinstance(ratios, list) or not ratios:
-            raise ValueError("a layer profile needs a non-empty list of keep_ratios")
+        ratios, bits = self.keep_ratios, (self.key_bits, self.value_bits)
+        if not all(isinstance(x, list) for x in (ratios, *bits)):
+            raise ValueError("keep_ratios, key_bits and value_bits of a layer profile must be lists")
+        if not ratios and not self.key_bits:
+            raise ValueError("a layer profile needs a non-empty list of keep_ratios or of key_bits")
         if not all(isinstance(r, int | float) and not isinstance(r, bool) and 0 < r <= 1 for r in ratios):
             raise ValueError("every keep ratio of a layer profile must be a number in (0, 1]")
+        if len(self.key_bits) != len(self.value_bits):
+            raise ValueError("a layer profile gives key_bits and value_bits for the same layers, or neither")
+        if not all(b in SUPPORTED_BITS for b in (*self.key_bits, *self.value_bits)):
+            raise ValueError("every bit width of a layer profile must be 2, 4 or 8")
+        if ratios and self.key_bits and len(ratios) != len(self.key_bits):
+            raise ValueError(f"{len(ratios)} keep ratios but {len(self.key_bits)} layers of bits")
+
+    @property
+    def layer_bits(self) -> tuple[tuple[int, int], ...] | None:
+        """Per layer ``(key bits, value bits)``, or None when the profile gives no bits."""
+        return tuple(zip(self.key_bits, self.value_bits, strict=True)) or None
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -55,8 +84,8 @@ class LayerProfile:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path} is not JSON: {exc.msg} (line {exc.lineno})") from None
         known = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(data, dict) or "keep_ratios" not in data:
-            raise ValueError(f"{path} is not a layer profile (no keep_ratios)")
+        if not isinstance(data, dict) or not ({"keep_ratios", "key_bits"} & set(data)):
+            raise ValueError(f"{path} is not a layer profile (no keep_ratios or key_bits)")
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def scaled(self, average: float) -> list[float]:
@@ -114,10 +143,20 @@ class Profiled(Method):
     def validate(self) -> None:
         if not isinstance(self.base, Method) or not isinstance(self.profile, LayerProfile):
             raise ValueError("Profiled needs a built method and a LayerProfile")
+        if self.profile.key_bits and self.base.components().quantize is None:
+            raise ValueError(
+                f"the profile gives bits per layer, but {self.base.name} does not quantize; use it with a "
+                "quantizing method (kivi, zipcache, h2o+kivi, ...)"
+            )
 
     def components(self) -> Components:
         base = self.base.components()
-        return dataclasses.replace(base, allocator=ProfileAllocator(self.profile, base.allocator))
+        parts = {}
+        if self.profile.keep_ratios:
+            parts["allocator"] = ProfileAllocator(self.profile, base.allocator)
+        if self.profile.key_bits:
+            parts["quantize"] = dataclasses.replace(base.quantize, layer_bits=self.profile.layer_bits)
+        return dataclasses.replace(base, **parts)
 
     def for_model(self, model: torch.nn.Module | None) -> Method:
         return dataclasses.replace(self, base=self.base.for_model(model))

@@ -29,6 +29,7 @@ from kvsqueeze.quantization.budget import (
     kivi_scheme,
     lowest_mask,
     quantize_kv,
+    stored_bytes,
 )
 from kvsqueeze.quantization.cst import channel_scale, cst_quantize
 from kvsqueeze.quantization.hadamard import hadamard, rotate_values
@@ -63,5 +64,6 @@ __all__ = [
     "quantize_mixed",
     "rotate_values",
     "split_tokens",
+    "stored_bytes",
     "unpack_codes",
 ]

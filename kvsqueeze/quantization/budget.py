@@ -49,6 +49,9 @@ class KVQuantScheme:
     each key group's range where that lowers its squared error. ``key_pre_rope`` quantizes keys in their
     frame before RoPE (:mod:`~kvsqueeze.quantization.rope`; the cache needs the model's rotation);
     ``value_hadamard`` quantizes values turned by a Hadamard matrix (:mod:`~kvsqueeze.quantization.hadamard`).
+    ``key_bits`` and ``value_bits`` replace ``bits`` for the keys or the values alone (the high set's, when
+    the scheme splits; ``None``: ``bits``): a per-layer bit profile sets them layer by layer
+    (:meth:`~kvsqueeze.actions.quantize.Quantize.scheme_for`).
     """
 
     name: str
@@ -65,9 +68,13 @@ class KVQuantScheme:
     value_low_ratio: float | None = None
     key_pre_rope: bool = False
     value_hadamard: bool = False
+    key_bits: int | None = None
+    value_bits: int | None = None
 
     def __post_init__(self) -> None:
-        check_bits(self.bits)
+        for bits in (self.bits, self.key_bits, self.value_bits):
+            if bits is not None:
+                check_bits(bits)
         for label, group in (("key", self.key_group_size), ("low-set key", self.low_key_group_size)):
             if group is not None and group < 1:
                 raise ValueError(f"{label} group size must be at least 1 token, got {group}")
@@ -88,6 +95,16 @@ class KVQuantScheme:
             raise ValueError(
                 f"unsupported parameter dtype {self.param_dtype}; choose float16, bfloat16 or float32"
             )
+
+    @property
+    def high_key_bits(self) -> int:
+        """Bits of the keys outside the low set (all keys when the scheme does not split)."""
+        return self.bits if self.key_bits is None else self.key_bits
+
+    @property
+    def high_value_bits(self) -> int:
+        """Bits of the values outside the low set (all values when the scheme does not split)."""
+        return self.bits if self.value_bits is None else self.value_bits
 
     @property
     def key_ratio(self) -> float:
@@ -111,7 +128,7 @@ class KVQuantScheme:
 
     def check_head_dim(self, head_dim: int) -> None:
         """Raise a one-line ``ValueError`` if heads of ``head_dim`` channels cannot be stored this way."""
-        for bits in (self.bits, self.low_bits or self.bits):
+        for bits in (self.high_key_bits, self.high_value_bits, self.low_bits or self.bits):
             check_head_dim(head_dim, bits)
         group = self.value_group_size
         if group is not None and (group <= 0 or head_dim % group):
@@ -168,21 +185,23 @@ def quantize_kv(
     dtype = scheme.param_dtype
     clip = scheme.key_clip
     if not scheme.splits:
-        k = quantize(keys, scheme.bits, "channel", scheme.key_group_size, param_dtype=dtype, clip=clip)
+        key_bits, value_bits = scheme.high_key_bits, scheme.high_value_bits
+        k = quantize(keys, key_bits, "channel", scheme.key_group_size, param_dtype=dtype, clip=clip)
         if scheme.value_cst:
-            v = cst_quantize(values, scheme.bits, scheme.value_group_size, param_dtype=dtype)
+            v = cst_quantize(values, value_bits, scheme.value_group_size, param_dtype=dtype)
         else:
-            v = quantize(values, scheme.bits, "token", scheme.value_group_size, param_dtype=dtype)
+            v = quantize(values, value_bits, "token", scheme.value_group_size, param_dtype=dtype)
         return k, v
     if scores is None:
         raise ValueError(f"scheme {scheme.name!r} splits tokens by score; pass scores of shape (*, T)")
     if scores.shape != keys.shape[:-1]:
         raise ValueError(f"scores must have shape {tuple(keys.shape[:-1])}, got {tuple(scores.shape)}")
-    tokens, bits = scores.shape[-1], (scheme.bits, scheme.low_bits)
+    tokens = scores.shape[-1]
     k = quantize_mixed(
         keys,
         lowest_mask(scores, int(scheme.key_ratio * tokens)),  # (*, T)
-        *bits,
+        scheme.high_key_bits,
+        scheme.low_bits,
         "channel",
         scheme.key_group_size,
         low_group_size=scheme.low_set_key_group,
@@ -192,7 +211,8 @@ def quantize_kv(
     v = quantize_mixed(
         values,
         lowest_mask(scores, int(scheme.value_ratio * tokens)),
-        *bits,
+        scheme.high_value_bits,
+        scheme.low_bits,
         "token",
         scheme.value_group_size,
         cst=scheme.value_cst,
@@ -214,11 +234,31 @@ def fp16_bytes_per_token(head_dim: int) -> int:
     return 4 * head_dim
 
 
-def bytes_per_token(scheme: KVQuantScheme, tokens: int = 4096, head_dim: int = 64, *, seed: int = 0) -> float:
-    """Measured bytes per token of one KV head under ``scheme``, on a random ``(tokens, head_dim)`` block.
+def bytes_per_token(
+    scheme: KVQuantScheme,
+    tokens: int = 4096,
+    head_dim: int = 64,
+    *,
+    seed: int = 0,
+    names: tuple[str, ...] = ("keys", "values"),
+) -> float:
+    """Measured bytes per token of one KV head under ``scheme``: :func:`stored_bytes` / ``tokens``."""
+    return stored_bytes(scheme, tokens, head_dim, seed=seed, names=names) / tokens
 
-    Keys and values together, codes and parameters included, measured from the tensors the cache stores
-    when it quantizes the block (:class:`~kvsqueeze.cache.tiered.TieredRows`, random saliency).
+
+def stored_bytes(
+    scheme: KVQuantScheme,
+    tokens: int = 4096,
+    head_dim: int = 64,
+    *,
+    seed: int = 0,
+    names: tuple[str, ...] = ("keys", "values"),
+) -> int:
+    """Bytes one KV head stores for a random ``(tokens, head_dim)`` block quantized with ``scheme``.
+
+    ``names``: the keys and values together (codes and parameters included), or ``("keys",)`` or
+    ``("values",)`` alone. Measured from the tensors the cache stores when it quantizes the block
+    (:class:`~kvsqueeze.cache.tiered.TieredRows`, random saliency).
     """
     from kvsqueeze.cache.packed import PackedRows  # the cache builds on this module
     from kvsqueeze.cache.tiered import TieredRows
@@ -231,4 +271,4 @@ def bytes_per_token(scheme: KVQuantScheme, tokens: int = 4096, head_dim: int = 6
     rotation = KeyRotation.from_theta(10_000.0, head_dim) if scheme.key_pre_rope else None
     tiered = TieredRows(rows, scheme, torch.float16, rotation)
     tiered.quantize(rows.valid_mask(), torch.rand(1, tokens, generator=gen))
-    return tiered.nbytes(("keys", "values")) / tokens
+    return tiered.nbytes(names)

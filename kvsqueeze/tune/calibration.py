@@ -1,0 +1,113 @@
+"""The tuner's fitness: KL against the full cache over teacher-forced continuations of offline documents.
+
+A calibration sample is an offline document (:mod:`kvsqueeze.calibrate.documents`: standard-library prose,
+source and reference text, never the benchmark's samples) cut into a context and the continuation that
+follows it in the document. The context is prefilled once into a full cache that records what scorers
+need; the continuation's next-token log-probabilities under that cache are the reference. A candidate's
+loss on the sample is the mean KL(full || candidate) over the continuation, after the recorded prefill is
+compressed by the candidate (``fork``): no candidate pays for a prefill (EvoPress §5.1's speed-up, exact
+for methods that compress after the prompt).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from kvsqueeze.cache import SqueezeCache
+from kvsqueeze.calibrate.documents import calibration_documents
+from kvsqueeze.methods.base import Method, Schedule
+from kvsqueeze.methods.profiled import LayerProfile, with_profile
+
+
+@dataclass
+class CalibrationSample:
+    """One document: its prefilled context and the full cache's view of its continuation."""
+
+    source: SqueezeCache  # full, ``record_prefill=True``, holding the context
+    continuation: torch.Tensor  # (1, Y) the document's next tokens
+    reference: torch.Tensor  # (Y, V) fp32 log-probabilities after each of them, full cache
+
+
+def decodes_stepwise(method: Method) -> bool:
+    """Whether ``method``'s cache changes while decoding (per-step eviction, a quantization residual,
+    per-step selection), so a continuation must be fed token by token rather than as one chunk."""
+    parts = method.components()
+    return parts.schedule is Schedule.EVERY_STEP or parts.quantize is not None or parts.select is not None
+
+
+def continuation_logprobs(
+    model: PreTrainedModel, cache: SqueezeCache, continuation: torch.Tensor, stepwise: bool
+) -> torch.Tensor:
+    """Next-token log-probabilities after each continuation token, (Y, V) fp32; ``cache`` advances."""
+    if not stepwise:
+        return torch.log_softmax(model(continuation, cache=cache).logits[0].float(), dim=-1)
+    rows = [
+        model(continuation[:, i : i + 1], cache=cache).logits[0, -1] for i in range(continuation.shape[1])
+    ]
+    return torch.log_softmax(torch.stack(rows).float(), dim=-1)
+
+
+@torch.inference_mode()
+def calibration_samples(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    count: int,
+    context_tokens: int,
+    continuation_tokens: int,
+    *,
+    progress: bool = True,
+) -> list[CalibrationSample]:
+    """``count`` offline documents, each prefilled once (a progress bar counts them)."""
+    if count < 1 or context_tokens < 2 or continuation_tokens < 1:
+        raise ValueError("calibration needs >= 1 document, >= 2 context tokens and >= 1 continuation token")
+    documents = calibration_documents(tokenizer, count, context_tokens + continuation_tokens)
+    samples = []
+    for ids in tqdm(documents, desc="calibration prefill", unit="doc", disable=not progress):
+        ids = torch.tensor([ids], dtype=torch.long)
+        context, continuation = ids[:, :context_tokens], ids[:, context_tokens:]
+        source = SqueezeCache(model, "full", record_prefill=True, tokenizer=tokenizer)
+        model(context, cache=source, logits_to_keep=1)
+        reference = continuation_logprobs(model, source.fork("full"), continuation, stepwise=False)
+        samples.append(CalibrationSample(source, continuation, reference))
+    return samples
+
+
+def kl_divergence(reference: torch.Tensor, logprobs: torch.Tensor) -> float:
+    """Mean KL(reference || candidate) over aligned (Y, V) log-probabilities."""
+    return float((reference.exp() * (reference - logprobs)).sum(-1).clamp(min=0).mean())
+
+
+@torch.inference_mode()
+def profile_loss(
+    model: PreTrainedModel,
+    samples: Sequence[CalibrationSample],
+    method: Method,
+    budget: float,
+    keep_ratios: Sequence[float],
+) -> float:
+    """Mean KL of ``method`` with per-layer keep ratios ``keep_ratios`` at ``budget`` over ``samples``."""
+    return method_loss(
+        model, samples, with_profile(method, LayerProfile(keep_ratios=list(keep_ratios))), budget
+    )
+
+
+@torch.inference_mode()
+def method_loss(
+    model: PreTrainedModel, samples: Sequence[CalibrationSample], method: Method, budget: float
+) -> float:
+    """Mean KL of ``method`` (a profiled one: layer budgets or bits) at ``budget`` over ``samples``."""
+    stepwise = decodes_stepwise(method)
+    losses = []
+    for sample in samples:
+        cache = sample.source.fork(method, budget)
+        losses.append(
+            kl_divergence(
+                sample.reference, continuation_logprobs(model, cache, sample.continuation, stepwise)
+            )
+        )
+    return sum(losses) / len(losses)
