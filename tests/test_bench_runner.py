@@ -245,3 +245,12 @@ def test_headline_average_leaves_out_tasks_the_full_cache_fails():
     assert "left out: hard" in table
     snapkv = next(line for line in table.splitlines() if "| snapkv |" in line).split(" | ")
     assert snapkv[5:7] == ["40", "80"]  # every task, then the tasks the full cache passes
+
+
+def test_two_profiles_of_one_method_are_two_rows(tmp_path):
+    from kvsqueeze.methods.profiled import LayerProfile
+
+    paths = [LayerProfile(keep_ratios=r).save(tmp_path / f"{n}.json") for n, r in (("a", [0.5]), ("b", [1]))]
+    labels = {MethodSpec("snapkv", profile=str(p)).label for p in paths}
+    assert labels == {"snapkv+a", "snapkv+b"}  # their run records do not overwrite each other
+    assert MethodSpec("snapkv").label == "snapkv"

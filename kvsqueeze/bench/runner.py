@@ -50,7 +50,8 @@ class MethodSpec:
     def label(self) -> str:
         extra = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
         label = f"{self.name}({extra})" if extra else self.name
-        return f"{label}+profile" if self.profile else label
+        # the profile file's name tells two profiles of one method apart (their records differ)
+        return f"{label}+{Path(self.profile).stem}" if self.profile else label
 
     def build(self) -> Method:
         """The method this spec names (a one-line ``ValueError`` for unknown names or parameters)."""
