@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from kvsqueeze.attention.binding import bound_layer
 from kvsqueeze.attention.hooks import install_hooks
 from kvsqueeze.attention.masks import attention_mask_for
 from kvsqueeze.attention.observation import Observation
+from kvsqueeze.attention.sdpa import sdpa
 
 ATTENTION_NAME = "kvsqueeze"
 
@@ -60,10 +60,7 @@ def _plain_attention(
 ) -> torch.Tensor:
     """SDPA over a stock cache's (B, H_kv, T, D) tensors, positions = column indices of the 2-D mask."""
     if attention_mask is not None and attention_mask.dim() == 4:
-        out, _ = sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling
-        )
-        return out
+        return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling)
     b, hq, q, _ = query.shape
     hk, t = key.shape[1], key.shape[2]
     valid = torch.ones(b, t, dtype=torch.bool, device=key.device)
@@ -85,8 +82,7 @@ def _plain_attention(
         all_keys_valid=bool(valid.all()),
     )
     mask = attention_mask_for(obs)
-    out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling)
-    return out
+    return sdpa(module, query, key, value, mask, dropout=dropout, scaling=scaling)
 
 
 def padding_mask(attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor | None:

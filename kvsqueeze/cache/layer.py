@@ -19,13 +19,13 @@ from typing import Any
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvsqueeze.actions.evict import protected_rows, select_rows
 from kvsqueeze.allocators.base import LayerRequest
 from kvsqueeze.attention.binding import bind
 from kvsqueeze.attention.masks import attention_mask_for
 from kvsqueeze.attention.observation import Observation
+from kvsqueeze.attention.sdpa import sdpa
 from kvsqueeze.cache.budget import Budget
 from kvsqueeze.cache.group import LayerGroup
 from kvsqueeze.cache.packed import PackedRows
@@ -342,15 +342,9 @@ class SqueezeLayer(CacheLayerMixin):
                 mask = None
                 if valid is not None and not bool(valid.all()):
                     mask = valid[:, :, None, :].repeat_interleave(obs.group_size, dim=1)  # (B, H, 1, K)
-                out, _ = sdpa_attention_forward(
-                    module, obs.query, keys, values, mask, dropout=dropout, scaling=obs.scaling
-                )
-                return out
+                return sdpa(module, obs.query, keys, values, mask, dropout=dropout, scaling=obs.scaling)
         mask = attention_mask_for(obs)
-        out, _ = sdpa_attention_forward(
-            module, obs.query, obs.keys, obs.values, mask, dropout=dropout, scaling=obs.scaling
-        )
-        return out
+        return sdpa(module, obs.query, obs.keys, obs.values, mask, dropout=dropout, scaling=obs.scaling)
 
     def _selects(self, obs: Observation) -> bool:
         """Whether this call attends to selected pages: a one-token step after the prompt, on a layer that

@@ -40,13 +40,7 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_method(p: argparse.ArgumentParser, default_method: str, default_budget: str) -> None:
-    p.add_argument("--method", default=default_method, help=f"compression method (default: {default_method})")
-    p.add_argument(
-        "--budget",
-        default=default_budget,
-        help=f"ratio of the prompt in (0, 1] or tokens per head, e.g. 0.25 or 512 (default: {default_budget})",
-    )
+def _add_params(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--param",
         "-p",
@@ -56,6 +50,16 @@ def _add_method(p: argparse.ArgumentParser, default_method: str, default_budget:
         metavar="NAME=VALUE",
         help="method hyperparameter",
     )
+
+
+def _add_method(p: argparse.ArgumentParser, default_method: str, default_budget: str) -> None:
+    p.add_argument("--method", default=default_method, help=f"compression method (default: {default_method})")
+    p.add_argument(
+        "--budget",
+        default=default_budget,
+        help=f"ratio of the prompt in (0, 1] or tokens per head, e.g. 0.25 or 512 (default: {default_budget})",
+    )
+    _add_params(p)
     p.add_argument(
         "--profile",
         help="layer profile JSON from `kvsqueeze profile` or `kvsqueeze tune` (layer budgets or bits)",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the ``tune`` subcommand."""
-    from kvsqueeze.cli.main import _add_model, _param
+    from kvsqueeze.cli.main import _add_model, _add_params
 
     p = sub.add_parser(
         "tune",
@@ -37,15 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="search bits per layer (2, 4, 8; keys and values apart) of a quantizing method (kivi, zipcache) "
         "storing at most RATIO x an fp16 cache's bytes, e.g. 0.22",
     )
-    p.add_argument(
-        "--param",
-        "-p",
-        action="append",
-        type=_param,
-        default=[],
-        metavar="NAME=VALUE",
-        help="method hyperparameter",
-    )
+    _add_params(p)
     p.add_argument("--out", help="profile JSON (default: profile-<method>-<budget or bytesRATIO>-tuned.json)")
     p.add_argument("--documents", type=int, default=8, help="offline calibration documents (default: 8)")
     p.add_argument("--context-tokens", type=int, default=2048, help="context per document (default: 2048)")
