@@ -18,7 +18,7 @@ class GenerationResult:
 
     texts: list[str]
     method: str
-    budget: str
+    budget: str  # the keep budget asked for ("" for a method that keeps every row)
     prompt_tokens: list[int]  # real (unpadded) prompt tokens per sequence
     new_tokens: int  # tokens generated per sequence (the longest)
     cache_bytes: int  # bytes the compressed cache held at the end, measured from its tensors
@@ -46,7 +46,8 @@ class GenerationResult:
         """One line comparing cache bytes, full vs kept."""
         return (
             f"cache: {format_bytes(self.full_cache_bytes)} full vs {format_bytes(self.cache_bytes)} kept "
-            f"({self.memory_ratio:.1%}) | {self.method} @ {self.budget} | prompt {max(self.prompt_tokens)} tok, "
+            f"({self.memory_ratio:.1%}) | {self.method}{f' @ {self.budget}' if self.budget else ''} | "
+            f"prompt {max(self.prompt_tokens)} tok, "
             f"{self.new_tokens} new"
         )
 
@@ -165,7 +166,7 @@ def generate(
     return GenerationResult(
         texts=tokenizer.batch_decode(new, skip_special_tokens=True),
         method=cache.method.name,
-        budget=str(cache.budget),
+        budget=str(cache.budget) if cache.method.uses_budget else "",  # full, kivi, zipcache: none
         prompt_tokens=lengths.tolist(),
         new_tokens=new.shape[1],
         cache_bytes=cache.nbytes(),

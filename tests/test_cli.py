@@ -80,3 +80,10 @@ def test_info_in_bfloat16_halves_the_bytes_per_token(capsys):
     assert main(["info", "--dtype", "bfloat16"]) == 0
     out = capsys.readouterr().out
     assert "bfloat16" in out and f"{30 * 3 * 64 * 2 * 2:,}" in out
+
+
+def test_generate_summary_names_a_budget_only_where_the_method_uses_one(smollm2, capsys):
+    for method, shown in (("full", False), ("kivi", False), ("streaming_llm", True)):
+        assert main(["generate", "Say hello.", "--method", method, "-n", "4"]) == 0
+        summary = capsys.readouterr().err.strip().splitlines()[-1]
+        assert (" @ " in summary) == shown, summary
