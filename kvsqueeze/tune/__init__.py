@@ -101,19 +101,13 @@ def tune_profile(
         budget=budget,
         num_prompts=len(samples),
         prompt_tokens=[context_tokens] * len(samples),
-        search={
-            "algorithm": "evopress",
-            "kl": result.loss,
-            "uniform_kl": result.start_loss,
-            "levels": list(result.levels),
-            "steps_per_layer": steps_per_layer,
-            "generations": config.generations,
-            "offspring": config.offspring,
-            "seed": config.seed,
-            "continuation_tokens": continuation_tokens,
-            "evaluations": result.evaluations,
-            "seconds": round(result.seconds, 1),
-            "history": result.history,
-        },
+        search=result.record(
+            config,
+            continuation_tokens,
+            kl=result.loss,
+            uniform_kl=result.start_loss,
+            levels=list(result.levels),
+            steps_per_layer=steps_per_layer,
+        ),
     )
     return profile, result

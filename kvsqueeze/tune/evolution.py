@@ -80,6 +80,21 @@ class SearchResult:
     evaluations: int = 0  # (candidate, sample) losses computed, cached ones not counted again
     seconds: float = 0.0  # wall time, summed over resumed runs
 
+    def record(self, config: SearchConfig, continuation_tokens: int, **found: object) -> dict:
+        """How the search went, as a profile's ``search`` field: ``found`` (what was searched, the loss
+        and its start) first, then the search's size and cost."""
+        return {
+            "algorithm": "evopress",
+            **found,
+            "generations": config.generations,
+            "offspring": config.offspring,
+            "seed": config.seed,
+            "continuation_tokens": continuation_tokens,
+            "evaluations": self.evaluations,
+            "seconds": round(self.seconds, 1),
+            "history": self.history,
+        }
+
 
 class _Memo:
     """Losses per (levels, sample): a candidate met twice (the parent, a repeated child) is scored once."""
