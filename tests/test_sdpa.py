@@ -29,3 +29,23 @@ def test_half_precision_attends_in_float32(dtype, queries):
         module, query.float(), keys.float(), values.float(), mask, scaling=0.125
     )
     assert torch.equal(out, reference.to(dtype))
+
+
+@pytest.mark.parametrize("mask_kind", ["additive", "none"])
+def test_additive_and_absent_masks_in_half_precision(mask_kind):
+    gen = torch.Generator().manual_seed(1)
+    query = torch.randn(1, 14, 6, 64, generator=gen).to(torch.bfloat16)
+    keys, values = (torch.randn(1, 2, 6, 64, generator=gen).to(torch.bfloat16) for _ in range(2))
+    mask = None
+    if mask_kind == "additive":  # a causal mask as transformers' eager path builds it, in the model's dtype
+        hidden = torch.ones(6, 6, dtype=torch.bool).triu(1)
+        mask = torch.zeros(1, 1, 6, 6, dtype=torch.bfloat16).masked_fill(
+            hidden, torch.finfo(torch.bfloat16).min
+        )
+    module = _Module()
+    out = sdpa(module, query, keys, values, mask, scaling=0.125)
+    float_mask = None if mask is None else mask.float()
+    reference, _ = sdpa_attention_forward(
+        module, query.float(), keys.float(), values.float(), float_mask, scaling=0.125
+    )
+    assert out.dtype == torch.bfloat16 and torch.equal(out, reference.to(torch.bfloat16))

@@ -135,6 +135,10 @@ def test_untunable_methods_and_budgets_are_refused(tiny):
             tune_profile(model, tokenizer, get_method(name), 0.25, progress=False)
     with pytest.raises(ValueError, match=r"ratio in \(0, 1\)"):
         tune_profile(model, tokenizer, get_method("snapkv"), 1.0, progress=False)
+    # one step of 0.1 / 4 of 96 tokens is 3 rows, fewer than SnapKV's window of 4 + 1: the level-1 layers
+    # would keep more than their share and the profile more than the budget
+    with pytest.raises(ValueError, match="fewer rows than snapkv protects"):
+        tune_profile(model, tokenizer, get_method("snapkv", window=4), 0.1, context_tokens=96, progress=False)
 
 
 def test_tune_command_writes_a_profile_every_method_takes(tmp_path, tiny):
@@ -146,7 +150,7 @@ def test_tune_command_writes_a_profile_every_method_takes(tmp_path, tiny):
     tokenizer.save_pretrained(folder)
     out = tmp_path / "tuned.json"
     args = ["tune", "--model", str(folder), "--method", "snapkv", "-p", "window=4", "--budget", "0.25"]
-    args += ["--documents", "2", "--context-tokens", "64", "--continuation-tokens", "4"]
+    args += ["--documents", "2", "--context-tokens", "96", "--continuation-tokens", "4"]
     args += ["--generations", "2", "--offspring", "3", "--out", str(out)]
     assert main(args) == 0
     profile = LayerProfile.load(out)
@@ -154,6 +158,9 @@ def test_tune_command_writes_a_profile_every_method_takes(tmp_path, tiny):
     for name in ("h2o", "pyramidkv", "snapkv"):
         assert with_profile(get_method(name), out).profile.keep_ratios == profile.keep_ratios
     assert main([*args[:-2], "--out", str(out), "--budget", "1.5"]) == 2  # a one-line error, not a trace
+    # the same state file with another method's parameters is another search: refused, not resumed
+    other = [a if a != "window=4" else "window=5" for a in args]
+    assert main([*other[:-2], "--out", str(out), "--generations", "3"]) == 2
 
 
 # ---------------------------------------------------------------- bit widths under a byte budget (--bytes)
@@ -267,8 +274,9 @@ def test_bit_profiles_load_old_files_and_refuse_bad_bits(tmp_path):
     old = tmp_path / "old.json"
     old.write_text(json.dumps({"keep_ratios": [0.5, 0.25], "model": "m", "method": "prefixkv"}))
     assert LayerProfile.load(old).layer_bits is None  # written before bits existed
-    with pytest.raises(ValueError, match="2, 4 or 8"):
-        LayerProfile(key_bits=[2, 3], value_bits=[2, 2])
+    for wrong in ([2, 3], [2, 4.0], [2, True]):
+        with pytest.raises(ValueError, match="2, 4 or 8"):
+            LayerProfile(key_bits=wrong, value_bits=[2, 2])
     with pytest.raises(ValueError, match="same layers"):
         LayerProfile(key_bits=[2, 4], value_bits=[2])
     with pytest.raises(ValueError, match="keep_ratios or of key_bits"):
@@ -277,6 +285,9 @@ def test_bit_profiles_load_old_files_and_refuse_bad_bits(tmp_path):
     with pytest.raises(ValueError, match="snapkv does not quantize"):
         with_profile(get_method("snapkv"), bits)
     assert LayerProfile.load(bits.save(tmp_path / "bits.json")) == bits
+    # bits change how rows are stored, not how many: a profiled quantizer still keeps every row
+    assert not with_profile(get_method("kivi"), bits).uses_budget
+    assert with_profile(get_method("snapkv+kivi"), bits).uses_budget
 
 
 def test_tune_bytes_command_writes_a_profile_generate_and_the_bench_take(tmp_path, tiny, capsys):

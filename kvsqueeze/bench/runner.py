@@ -34,7 +34,7 @@ from kvsqueeze.bench.report import mean_of
 from kvsqueeze.bench.scoring import postprocess, score_sample
 from kvsqueeze.bench.tasks import TASKS, Sample, generate_samples, get_task
 from kvsqueeze.cache import Budget, SqueezeCache
-from kvsqueeze.methods import Method, Schedule, get_method, with_profile
+from kvsqueeze.methods import Method, get_method, with_profile
 
 
 @dataclass(frozen=True)
@@ -221,14 +221,7 @@ def run_sample(
         tokens, rate = greedy(model, answer_cache, encoded.followup_ids, max_new_tokens, eos)
         raw = tokenizer.decode(tokens, skip_special_tokens=True)
         prediction = postprocess(raw, sample.answer_prefix)
-        components = method.components()
-        # caches that change while decoding (per-step eviction, quantization's residual) and selection, which
-        # reads a query-dependent few rows only at one-token steps, decode token by token
-        stepwise = (
-            components.schedule is Schedule.EVERY_STEP
-            or components.quantize is not None
-            or components.select is not None
-        )
+        stepwise = method.components().decodes_stepwise
         kl, top1 = fidelity(
             reference, _teacher_logprobs(model, cache, encoded.followup_ids, teacher, stepwise)
         )

@@ -62,6 +62,13 @@ class Components:
         """The smallest per-layer budget this method can honour."""
         return self.sinks + (0 if self.recent_share is not None else self.window) + 1
 
+    @property
+    def decodes_stepwise(self) -> bool:
+        """Whether the cache changes while decoding (per-step eviction, a quantization residual) or a
+        decode step reads a query-dependent few rows (selection): then a continuation must be fed token by
+        token, not as one chunk, to see what generation sees."""
+        return self.schedule is Schedule.EVERY_STEP or self.quantize is not None or self.select is not None
+
 
 @dataclass
 class Method(ABC):

@@ -59,7 +59,7 @@ class LayerProfile:
             raise ValueError("every keep ratio of a layer profile must be a number in (0, 1]")
         if len(self.key_bits) != len(self.value_bits):
             raise ValueError("a layer profile gives key_bits and value_bits for the same layers, or neither")
-        if not all(b in SUPPORTED_BITS for b in (*self.key_bits, *self.value_bits)):
+        if not all(type(b) is int and b in SUPPORTED_BITS for b in (*self.key_bits, *self.value_bits)):
             raise ValueError("every bit width of a layer profile must be 2, 4 or 8")
         if ratios and self.key_bits and len(ratios) != len(self.key_bits):
             raise ValueError(f"{len(ratios)} keep ratios but {len(self.key_bits)} layers of bits")
@@ -148,6 +148,7 @@ class Profiled(Method):
                 f"the profile gives bits per layer, but {self.base.name} does not quantize; use it with a "
                 "quantizing method (kivi, zipcache, h2o+kivi, ...)"
             )
+        self.uses_budget = self.base.uses_budget  # type: ignore[misc]  # kivi with bits keeps every row
 
     def components(self) -> Components:
         base = self.base.components()

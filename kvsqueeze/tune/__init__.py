@@ -26,7 +26,7 @@ from kvsqueeze.methods.base import Method
 from kvsqueeze.methods.profiled import LayerProfile
 from kvsqueeze.tune.bits import check_bits_tunable, tune_bits
 from kvsqueeze.tune.bitspace import BitSpace
-from kvsqueeze.tune.calibration import calibration_samples, profile_loss
+from kvsqueeze.tune.calibration import calibration_samples, fitness_key, profile_loss
 from kvsqueeze.tune.evolution import SearchConfig, SearchResult, evolve
 from kvsqueeze.tune.levels import LevelSpace
 
@@ -81,6 +81,13 @@ def tune_profile(
     if steps_per_layer < 1:
         raise ValueError(f"tune: steps_per_layer must be >= 1, got {steps_per_layer}")
     step = budget / steps_per_layer
+    lowest = math.ceil(step * context_tokens)  # what a layer at level 1 keeps of a calibration document
+    if lowest < method.components().min_budget():
+        raise ValueError(
+            f"tune: a layer at one step ({budget}/{steps_per_layer} of {context_tokens} tokens = {lowest}) keeps "
+            f"fewer rows than {method.name} protects ({method.components().min_budget()}); raise --budget or "
+            "--context-tokens, or lower --steps-per-layer"
+        )
     space = LevelSpace(
         num_layers=model.config.get_text_config().num_hidden_layers,
         start=steps_per_layer,
@@ -91,9 +98,13 @@ def tune_profile(
     )
 
     def loss(levels: tuple[int, ...], ids: list[int]) -> float:
-        return profile_loss(model, [samples[i] for i in ids], method, budget, [v * step for v in levels])
+        ratios = [min(1.0, v * step) for v in levels]
+        return profile_loss(model, [samples[i] for i in ids], method, budget, ratios)
 
-    result = evolve(space, loss, len(samples), config, state_path=state_path, progress=progress)
+    key = fitness_key(model, method, budget, documents, context_tokens, continuation_tokens)
+    result = evolve(
+        space, loss, len(samples), config, state_path=state_path, fitness_key=key, progress=progress
+    )
     profile = LayerProfile(
         keep_ratios=[round(min(1.0, v * step), 6) for v in result.levels],
         model=model_name,

@@ -37,7 +37,7 @@ from kvsqueeze.quantization.budget import fp16_bytes_per_token, stored_bytes
 from kvsqueeze.quantization.packing import SUPPORTED_BITS
 from kvsqueeze.text_config import head_dim_of
 from kvsqueeze.tune.bitspace import BitSpace
-from kvsqueeze.tune.calibration import calibration_samples, method_loss
+from kvsqueeze.tune.calibration import calibration_samples, fitness_key, method_loss
 from kvsqueeze.tune.evolution import SearchConfig, SearchResult, evolve
 
 
@@ -127,7 +127,11 @@ def tune_bits(
         profiled = with_profile(method, profile_of(bits))
         return method_loss(model, [samples[i] for i in ids], profiled, budget)
 
-    result = evolve(space, loss, len(samples), config, state_path=state_path, progress=progress)
+    key = fitness_key(model, method, budget, documents, context_tokens, continuation_tokens)
+    key["bytes"] = bytes_ratio
+    result = evolve(
+        space, loss, len(samples), config, state_path=state_path, fitness_key=key, progress=progress
+    )
     full = layers * context_tokens * fp16_bytes_per_token(head_dim_of(text))
     profile = dataclasses.replace(
         profile_of(result.levels),

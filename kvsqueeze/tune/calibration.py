@@ -18,9 +18,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from kvsqueeze.bench.runner import fidelity
 from kvsqueeze.cache import SqueezeCache
 from kvsqueeze.calibrate.documents import calibration_documents
-from kvsqueeze.methods.base import Method, Schedule
+from kvsqueeze.methods.base import Method
 from kvsqueeze.methods.profiled import LayerProfile, with_profile
 
 
@@ -31,13 +32,6 @@ class CalibrationSample:
     source: SqueezeCache  # full, ``record_prefill=True``, holding the context
     continuation: torch.Tensor  # (1, Y) the document's next tokens
     reference: torch.Tensor  # (Y, V) fp32 log-probabilities after each of them, full cache
-
-
-def decodes_stepwise(method: Method) -> bool:
-    """Whether ``method``'s cache changes while decoding (per-step eviction, a quantization residual,
-    per-step selection), so a continuation must be fed token by token rather than as one chunk."""
-    parts = method.components()
-    return parts.schedule is Schedule.EVERY_STEP or parts.quantize is not None or parts.select is not None
 
 
 def continuation_logprobs(
@@ -77,11 +71,6 @@ def calibration_samples(
     return samples
 
 
-def kl_divergence(reference: torch.Tensor, logprobs: torch.Tensor) -> float:
-    """Mean KL(reference || candidate) over aligned (Y, V) log-probabilities."""
-    return float((reference.exp() * (reference - logprobs)).sum(-1).clamp(min=0).mean())
-
-
 @torch.inference_mode()
 def profile_loss(
     model: PreTrainedModel,
@@ -101,13 +90,24 @@ def method_loss(
     model: PreTrainedModel, samples: Sequence[CalibrationSample], method: Method, budget: float
 ) -> float:
     """Mean KL of ``method`` (a profiled one: layer budgets or bits) at ``budget`` over ``samples``."""
-    stepwise = decodes_stepwise(method)
+    stepwise = method.components().decodes_stepwise
     losses = []
     for sample in samples:
         cache = sample.source.fork(method, budget)
-        losses.append(
-            kl_divergence(
-                sample.reference, continuation_logprobs(model, cache, sample.continuation, stepwise)
-            )
-        )
+        logprobs = continuation_logprobs(model, cache, sample.continuation, stepwise)
+        losses.append(fidelity(sample.reference, logprobs)[0])  # the bench's KL(full || candidate)
     return sum(losses) / len(losses)
+
+
+def fitness_key(
+    model: PreTrainedModel, method: Method, budget: float, documents: int, context: int, continuation: int
+) -> dict:
+    """What a search's losses depend on besides the candidates (a saved search resumes only under the same):
+    the model and its dtype, the method with its parameters, the budget and the calibration documents."""
+    return {
+        "model": str(getattr(model.config, "name_or_path", "")),
+        "dtype": str(model.dtype),
+        "method": repr(method),
+        "budget": budget,
+        "documents": [documents, context, continuation],
+    }

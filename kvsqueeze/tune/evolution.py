@@ -129,12 +129,15 @@ def evolve(
     config: SearchConfig | None = None,
     *,
     state_path: str | Path | None = None,
+    fitness_key: dict | None = None,
     progress: bool = True,
 ) -> SearchResult:
     """Search ``space`` for the levels of least loss over a calibration pool of ``pool`` samples.
 
-    ``state_path``: a JSON file written after every generation; if it holds a search of the same space
-    and config (but perhaps fewer generations), the search resumes from it.
+    ``state_path``: a JSON file written after every generation; if it holds a search of the same space,
+    config (but perhaps fewer generations) and ``fitness_key`` (what the fitness scores: the model, the
+    method, the documents; JSON-able), the search resumes from it. A state file of another search is a
+    one-line ``ValueError``, never silently overwritten.
     """
     from tqdm.auto import tqdm
 
@@ -145,7 +148,7 @@ def evolve(
     memo = _Memo(fitness)
     # what a saved search must share to be resumed (more generations may be asked for)
     search = {k: v for k, v in asdict(config).items() if k != "generations"}
-    identity = {"space": asdict(space), "search": search, "pool": pool}
+    identity = {"space": asdict(space), "search": search, "pool": pool, "fitness": fitness_key or {}}
     state = _load_state(state_path, identity)
     started = time.perf_counter()
     if state is None:
@@ -203,8 +206,12 @@ def _load_state(path: str | Path | None, identity: dict) -> dict | None:
     if path is None or not Path(path).exists():
         return None
     state = json.loads(Path(path).read_text())
-    same = all(json.loads(json.dumps(identity[k])) == state.get(k) for k in identity)
-    return state if same else None
+    differ = [k for k in identity if json.loads(json.dumps(identity[k])) != state.get(k)]
+    if differ:
+        raise ValueError(
+            f"{path} holds another search (its {', '.join(differ)} differ); delete it or write elsewhere"
+        )
+    return state
 
 
 def _save_state(path: str | Path | None, state: dict) -> None:
