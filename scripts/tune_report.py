@@ -138,6 +138,10 @@ def main() -> None:
             "Sample by sample against the full cache (same samples):",
             "",
             paired_table(records),
+            "",
+            "Sample by sample against the searched profile (a negative difference: the row scores below it):",
+            "",
+            paired_table(records, baseline=f"{MethodSpec('snapkv', profile=str(TUNED)).label} @ {BUDGET:g}"),
         ]
     else:
         lines += ["", "_the benchmark has not run yet: `--stages bench`_"]
