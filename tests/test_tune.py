@@ -16,7 +16,7 @@ from kvsqueeze import SqueezeCache
 from kvsqueeze.methods import get_method, with_profile
 from kvsqueeze.methods.profiled import LayerProfile
 from kvsqueeze.models.tiny import tiny_model, tiny_tokenizer
-from kvsqueeze.quantization import bytes_per_token, kivi_scheme, stored_bytes
+from kvsqueeze.quantization import kivi_scheme, stored_bytes
 from kvsqueeze.tune import (
     BitSpace,
     LevelSpace,
@@ -217,7 +217,7 @@ def test_bit_costs_are_the_caches_measured_bytes_and_bad_budgets_are_refused():
     kivi = get_method("kivi", **KIVI_SMALL)
     space = bit_space(kivi, 4, 16, 0.45, 96)
     # per token and KV head, 16 channels: 2-bit keys 4 B of codes + 8 B of fp16 (min, step) per 8 tokens
-    key_bytes = {b: bytes_per_token(kivi_scheme(b, 8), 96, 16, names=("keys",)) * 96 for b in (2, 4, 8)}
+    key_bytes = {b: stored_bytes(kivi_scheme(b, 8), 96, 16, names=("keys",)) for b in (2, 4, 8)}
     assert space.costs[0] == tuple(key_bytes.values()) == (12 * 96, 16 * 96, 24 * 96)
     assert space.budget == int(0.45 * 4 * 96 * 64)
     assert space.uniform() == (4, 4, 4, 4, 2, 2, 2, 2)  # 2 bits fit everywhere; the slack goes to keys

@@ -234,16 +234,10 @@ def fp16_bytes_per_token(head_dim: int) -> int:
     return 4 * head_dim
 
 
-def bytes_per_token(
-    scheme: KVQuantScheme,
-    tokens: int = 4096,
-    head_dim: int = 64,
-    *,
-    seed: int = 0,
-    names: tuple[str, ...] = ("keys", "values"),
-) -> float:
-    """Measured bytes per token of one KV head under ``scheme``: :func:`stored_bytes` / ``tokens``."""
-    return stored_bytes(scheme, tokens, head_dim, seed=seed, names=names) / tokens
+def bytes_per_token(scheme: KVQuantScheme, tokens: int = 4096, head_dim: int = 64, *, seed: int = 0) -> float:
+    """Measured bytes per token of one KV head under ``scheme``, keys and values together:
+    :func:`stored_bytes` / ``tokens``."""
+    return stored_bytes(scheme, tokens, head_dim, seed=seed) / tokens
 
 
 def stored_bytes(

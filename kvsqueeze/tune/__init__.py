@@ -82,10 +82,11 @@ def tune_profile(
         raise ValueError(f"tune: steps_per_layer must be >= 1, got {steps_per_layer}")
     step = budget / steps_per_layer
     lowest = math.ceil(step * context_tokens)  # what a layer at level 1 keeps of a calibration document
-    if lowest < method.components().min_budget():
+    protected = method.components().min_budget()
+    if lowest < protected:
         raise ValueError(
             f"tune: a layer at one step ({budget}/{steps_per_layer} of {context_tokens} tokens = {lowest}) keeps "
-            f"fewer rows than {method.name} protects ({method.components().min_budget()}); raise --budget or "
+            f"fewer rows than {method.name} protects ({protected}); raise --budget or "
             "--context-tokens, or lower --steps-per-layer"
         )
     space = LevelSpace(
@@ -97,16 +98,18 @@ def tune_profile(
         model, tokenizer, documents, context_tokens, continuation_tokens, progress=progress
     )
 
+    def ratios(levels: tuple[int, ...]) -> list[float]:
+        return [min(1.0, v * step) for v in levels]
+
     def loss(levels: tuple[int, ...], ids: list[int]) -> float:
-        ratios = [min(1.0, v * step) for v in levels]
-        return profile_loss(model, [samples[i] for i in ids], method, budget, ratios)
+        return profile_loss(model, [samples[i] for i in ids], method, budget, ratios(levels))
 
     key = fitness_key(model, method, budget, documents, context_tokens, continuation_tokens)
     result = evolve(
         space, loss, len(samples), config, state_path=state_path, fitness_key=key, progress=progress
     )
     profile = LayerProfile(
-        keep_ratios=[round(min(1.0, v * step), 6) for v in result.levels],
+        keep_ratios=[round(r, 6) for r in ratios(result.levels)],
         model=model_name,
         method=method.name,
         budget=budget,

@@ -57,6 +57,12 @@ def check_bits_tunable(method: Method, bytes_ratio: float, budget: float = 1.0) 
         raise ValueError(f"tune: --budget (what {method.name} keeps) must be a ratio in (0, 1], got {budget}")
 
 
+def fp16_bytes(num_layers: int, tokens: int, head_dim: int) -> int:
+    """Bytes an fp16 cache stores for ``tokens`` tokens per KV head over ``num_layers`` layers: what
+    ``--bytes`` is a share of."""
+    return num_layers * tokens * fp16_bytes_per_token(head_dim)
+
+
 def bit_space(method: Method, num_layers: int, head_dim: int, bytes_ratio: float, tokens: int) -> BitSpace:
     """The candidates: keys of every layer, then values of every layer, each at 2, 4 or 8 bits, whose
     bytes for ``tokens`` tokens per KV head (measured, see the module) stay within ``bytes_ratio`` x fp16's.
@@ -73,7 +79,7 @@ def bit_space(method: Method, num_layers: int, head_dim: int, bytes_ratio: float
         )
         for name, bits_field in (("keys", "key_bits"), ("values", "value_bits"))
     }
-    full = num_layers * tokens * fp16_bytes_per_token(head_dim)
+    full = fp16_bytes(num_layers, tokens, head_dim)
     budget = math.floor(bytes_ratio * full)
     lowest, highest = (num_layers * (costs["keys"][i] + costs["values"][i]) for i in (0, -1))
     if budget < lowest:
@@ -132,7 +138,8 @@ def tune_bits(
     result = evolve(
         space, loss, len(samples), config, state_path=state_path, fitness_key=key, progress=progress
     )
-    full = layers * context_tokens * fp16_bytes_per_token(head_dim_of(text))
+    full = fp16_bytes(layers, context_tokens, head_dim_of(text))
+    start = space.uniform()
     profile = dataclasses.replace(
         profile_of(result.levels),
         model=model_name,
@@ -146,11 +153,11 @@ def tune_bits(
             target="bits",
             bytes=bytes_ratio,
             stored_bytes=round(space.cost(result.levels) / full, 6),
-            start_bytes=round(space.cost(space.uniform()) / full, 6),
+            start_bytes=round(space.cost(start) / full, 6),
             kl=result.loss,
             start_kl=result.start_loss,
-            start_key_bits=list(space.uniform()[:layers]),
-            start_value_bits=list(space.uniform()[layers:]),
+            start_key_bits=list(start[:layers]),
+            start_value_bits=list(start[layers:]),
         ),
     )
     return profile, result
