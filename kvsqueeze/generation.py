@@ -219,7 +219,9 @@ def _generate_prepared(
     new = out[:, ids.shape[1] :]
     first = clock.times[0] if clock.times else end
     last = clock.times[-1] if clock.times else end
-    nbytes = sum(t.numel() * t.element_size() for layer in prepared.cache.layers for t in (layer.keys, layer.values))
+    nbytes = sum(
+        t.numel() * t.element_size() for layer in prepared.cache.layers for t in (layer.keys, layer.values)
+    )
     return GenerationResult(
         texts=tokenizer.batch_decode(new, skip_special_tokens=True),
         method=f"reuse:{prepared.policy}",

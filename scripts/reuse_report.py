@@ -93,7 +93,9 @@ def targets(records: list[dict], summary: dict[str, dict]) -> list[str]:
         if rows:
             mine = sum(r["correct"] for r in rows)
             ref = sum(full[(r["query"], r["agent"])] for r in rows)
-            lines.append(f"KVCOMM's {len(rows)} {label} prompts: {mine} answered right, full recompute {ref} of the same.")
+            lines.append(
+                f"KVCOMM's {len(rows)} {label} prompts: {mine} answered right, full recompute {ref} of the same."
+            )
     gap = 100 * (k["accuracy"] - f["accuracy"])
     verdict = [
         f"reuse >= 70%: {100 * k['reuse_rate']:.0f}% ({'met' if k['reuse_rate'] >= 0.7 else 'missed'})",
@@ -148,7 +150,12 @@ def main() -> None:
         doc_tokens = [len(tokenizer(q.document, add_special_tokens=False)["input_ids"]) for q in queries]
         header = None if args.header == "bos" else args.header
         result = run_multiagent(
-            model, tokenizer, queries, num_agents=args.agents, header=header, log=lambda s: print(s, flush=True)
+            model,
+            tokenizer,
+            queries,
+            num_agents=args.agents,
+            header=header,
+            log=lambda s: print(s, flush=True),
         )
         wall = time.perf_counter() - started
         out.parent.mkdir(parents=True, exist_ok=True)

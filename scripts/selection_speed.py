@@ -137,7 +137,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="qwen2.5-coder-0.5b", choices=sorted(SHAPES))
-    parser.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 8192, 16384])
+    parser.add_argument(
+        "--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 8192, 16384]
+    )
     parser.add_argument(
         "--shares", type=lambda s: [float(x) for x in s.split(",")], default=[0.05, 0.1, 0.25, 0.5]
     )

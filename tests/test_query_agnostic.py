@@ -100,7 +100,9 @@ def test_kvzip_scores_the_header_only_when_told(llama, tokenizer):
     kept = torch.stack([s[0] for s in source.replay_scores("kvzip", chunk_size=1000)])
     free = torch.stack([s[0] for s in source.replay_scores("kvzip", chunk_size=1000, keep_header=False)])
     header = len(ReplayText.for_tokenizer(tokenizer).header)
-    assert header > 4 and bool(torch.isinf(kept[..., :header]).all()) and bool((free[..., :header] == 0).all())
+    assert (
+        header > 4 and bool(torch.isinf(kept[..., :header]).all()) and bool((free[..., :header] == 0).all())
+    )
     assert torch.equal(kept[..., header:], free[..., header:])
     compressed = source.fork("kvzip", 0.5, keep_header=False)
     assert compressed.nbytes() < source.nbytes()

@@ -146,9 +146,7 @@ def test_kvcomm_entropy_test_reuses_close_content():
 @settings(max_examples=60, deadline=None)
 @given(
     bound=st.integers(min_value=200, max_value=6000),
-    ops=st.lists(
-        st.tuples(st.integers(0, 11), st.integers(1, 40), st.booleans()), min_size=1, max_size=40
-    ),
+    ops=st.lists(st.tuples(st.integers(0, 11), st.integers(1, 40), st.booleans()), min_size=1, max_size=40),
     bits=st.sampled_from([None, 4, 8]),
 )
 def test_store_byte_bound_holds(bound, ops, bits):
@@ -198,7 +196,9 @@ def test_bad_input_one_line_errors():
     model = _model("llama", max_position_embeddings=64)
     tok = tiny_tokenizer()
     reuse = KVReuse(model, tok, "plain")
-    assert "unknown segment id" in _one_line_error(lambda: reuse.prepare([Segment("Hi "), Segment(id="nope")]))
+    assert "unknown segment id" in _one_line_error(
+        lambda: reuse.prepare([Segment("Hi "), Segment(id="nope")])
+    )
     long_doc = "x" * 80
     assert "longer than the model's context" in _one_line_error(
         lambda: reuse.prepare([Segment("Hi "), Segment(long_doc, shared=True)])

@@ -90,7 +90,9 @@ def make_queries(
             if not all(f"project {p} is {c}." in document for p, c in zip(projects, codes, strict=True)):
                 continue
         target = rng.randrange(facts)
-        queries.append(Query(document, f"What is the access code of project {projects[target]}?", codes[target]))
+        queries.append(
+            Query(document, f"What is the access code of project {projects[target]}?", codes[target])
+        )
     return queries
 
 
@@ -103,7 +105,10 @@ def agent_prompt(role: str, query: Query, answers: list[str]) -> list[Segment]:
         Segment(query.question, shared=True, slot="question"),
     ]
     for j, answer in enumerate(answers):
-        segments += [Segment(f"\nAgent {j + 1} answered: "), Segment(answer, shared=True, slot=f"answer{j + 1}")]
+        segments += [
+            Segment(f"\nAgent {j + 1} answered: "),
+            Segment(answer, shared=True, slot=f"answer{j + 1}"),
+        ]
     segments.append(Segment("\nReply with the access code only.<|im_end|>\n<|im_start|>assistant\n"))
     return segments
 
@@ -184,7 +189,9 @@ def summarize(records: list[dict], index_seconds: float) -> dict[str, dict]:
     out = {}
     for policy, rows in by_policy.items():
         seconds = sum(r["prefill_seconds"] for r in rows)
-        agree = [first_code(r["answer"]) == first_code(full[(r["query"], r["agent"])]["answer"]) for r in rows]
+        agree = [
+            first_code(r["answer"]) == first_code(full[(r["query"], r["agent"])]["answer"]) for r in rows
+        ]
         out[policy] = {
             "calls": len(rows),
             "accuracy": sum(r["correct"] for r in rows) / len(rows),

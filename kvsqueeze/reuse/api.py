@@ -116,7 +116,9 @@ class KVReuse:
     def _check_length(self, tokens: int, what: str) -> None:
         limit = self.engine.max_positions
         if limit is not None and tokens > limit:
-            raise ValueError(f"{what} of {tokens} tokens is longer than the model's context of {limit} positions")
+            raise ValueError(
+                f"{what} of {tokens} tokens is longer than the model's context of {limit} positions"
+            )
 
     def prepare(self, segments: Sequence[Segment | str], *, agent: str | None = None) -> ReusedPrompt:
         """The cache of a prompt given as segments, by this instance's policy.

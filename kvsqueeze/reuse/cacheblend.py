@@ -70,7 +70,9 @@ class CacheBlend(ReusePolicy):
         if n == 0:
             return Built(engine.empty_cache(), 0, 0)
         if self.config.check_layer >= engine.num_layers:
-            raise ValueError(f"cacheblend check_layer {self.config.check_layer} >= {engine.num_layers} layers")
+            raise ValueError(
+                f"cacheblend check_layer {self.config.check_layer} >= {engine.num_layers} layers"
+            )
         model = engine.model
         decoder = model.model
         dtype = engine.dtype
@@ -103,8 +105,12 @@ class CacheBlend(ReusePolicy):
             cos_sin = decoder.rotary_emb(hidden, position_ids=selected[None])
             mask = (positions[None, :] <= selected[:, None])[None, None]  # (1, 1, S, N) True = attend
             hidden = layer(
-                hidden, attention_mask=mask, position_ids=selected[None], cache=rows,
-                use_cache=True, position_embeddings=cos_sin,
+                hidden,
+                attention_mask=mask,
+                position_ids=selected[None],
+                cache=rows,
+                use_cache=True,
+                position_embeddings=cos_sin,
             )
         cache = engine.empty_cache()
         for i in range(engine.num_layers):

@@ -66,9 +66,13 @@ class KVCOMMConfig:
         if self.gamma < 0:
             raise ValueError(f"kvcomm gamma must be >= 0, got {self.gamma}")
         if self.max_anchors < 1 or self.window < 1:
-            raise ValueError(f"kvcomm max_anchors and window must be >= 1, got {self.max_anchors}, {self.window}")
+            raise ValueError(
+                f"kvcomm max_anchors and window must be >= 1, got {self.max_anchors}, {self.window}"
+            )
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"kvcomm needs temperature > 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}")
+            raise ValueError(
+                f"kvcomm needs temperature > 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}"
+            )
 
 
 @dataclass
@@ -183,7 +187,9 @@ class KVCOMM(ReusePolicy):
 
     # ------------------------------------------------------------------ offsets
 
-    def _placeholder_delta(self, base: SegmentKV, anchors: list[Anchor], agent: str, exact: bool) -> SegmentKV:
+    def _placeholder_delta(
+        self, base: SegmentKV, anchors: list[Anchor], agent: str, exact: bool
+    ) -> SegmentKV:
         n = base.num_tokens
         if exact:
             return anchors[0].offsets[agent].placeholder
@@ -191,7 +197,10 @@ class KVCOMM(ReusePolicy):
         for field_name in ("keys", "values"):
             mine = getattr(base, field_name).float()  # (L, H_kv, n, D)
             gaps = torch.stack(
-                [(mine - getattr(a.base, field_name)[:, :, :n].float()).abs().mean(dim=(0, 1, 3)) for a in anchors]
+                [
+                    (mine - getattr(a.base, field_name)[:, :, :n].float()).abs().mean(dim=(0, 1, 3))
+                    for a in anchors
+                ]
             )  # (N_a, n)
             weights = torch.softmax(-gaps / self.config.temperature, dim=0)  # (N_a, n)
             total = torch.zeros_like(mine)
@@ -254,7 +263,9 @@ class KVCOMM(ReusePolicy):
             prefix = None
             if i + 1 < len(pieces) and not pieces[i + 1].shared:
                 nxt = pieces[i + 1]
-                prefix = _sub(engine.rows(cache, nxt.start, nxt.end), template[i + 1], self.config.delta_dtype)
+                prefix = _sub(
+                    engine.rows(cache, nxt.start, nxt.end), template[i + 1], self.config.delta_dtype
+                )
             anchor.offsets[agent] = Offsets(_sub(real, bases[i], self.config.delta_dtype), prefix)
         n = pieces[-1].end if pieces else 0
         return Built(cache, 0, n, dense=True, details={"anchors": {s: len(p) for s, p in self.pools.items()}})

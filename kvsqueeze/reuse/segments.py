@@ -92,4 +92,6 @@ class ReusedPrompt:
 
     def cache_nbytes(self) -> int:
         """Bytes the cache holds now, measured from its tensors."""
-        return sum(t.numel() * t.element_size() for layer in self.cache.layers for t in (layer.keys, layer.values))
+        return sum(
+            t.numel() * t.element_size() for layer in self.cache.layers for t in (layer.keys, layer.values)
+        )

@@ -154,7 +154,9 @@ class SegmentStore:
         return quantize(x, self.bits, "token", self.group_size)
 
     def __repr__(self) -> str:
-        return f"SegmentStore({len(self)} segments, {self._bytes} of {self.max_bytes} bytes, bits={self.bits})"
+        return (
+            f"SegmentStore({len(self)} segments, {self._bytes} of {self.max_bytes} bytes, bits={self.bits})"
+        )
 
 
 def _unpack(x: torch.Tensor | QuantizedTensor) -> torch.Tensor:
