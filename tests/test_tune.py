@@ -319,3 +319,15 @@ def test_tune_bytes_command_writes_a_profile_generate_and_the_bench_take(tmp_pat
     errors = [line for line in err if line.startswith("kvsqueeze: error:")]  # not the loading bars
     assert len(errors) == 3 and "in (0, 1)" in errors[0] and "does not quantize" in errors[2]
     assert "2 bits everywhere" in errors[1]
+
+
+def test_server_admission_prior_reads_a_bit_profile():
+    """Before any measured prefill the server guesses a request's bytes from the bits each layer stores."""
+    from kvsqueeze.cache.budget import Budget
+    from kvsqueeze.server.engine.admission import prior_ratio
+
+    kivi = get_method("kivi", **KIVI_SMALL)  # 2 bits
+    wide = with_profile(kivi, LayerProfile(key_bits=[8, 8, 8, 8], value_bits=[8, 8, 8, 4]))
+    budget = Budget.parse(1.0)
+    assert prior_ratio(kivi, budget, 1000, torch.float32) == pytest.approx(2 * 2 / 32)
+    assert prior_ratio(wide, budget, 1000, torch.float32) == pytest.approx(2 * 7.5 / 32)

@@ -56,8 +56,11 @@ def prior_ratio(method: Method, budget: Budget, prompt_tokens: int, dtype: torch
     if method.uses_budget:
         kept = min(1.0, float(budget.resolve(torch.tensor([prompt_tokens]))[0]) / max(1, prompt_tokens))
     if comp.quantize is not None:
-        bits = torch.empty((), dtype=dtype).element_size() * 8
-        kept *= min(1.0, 2.0 * comp.quantize.scheme.bits / bits)  # codes plus parameters, generously
+        full_bits = torch.empty((), dtype=dtype).element_size() * 8
+        quantize = comp.quantize
+        schemes = [quantize.scheme_for(i) for i in range(len(quantize.layer_bits or [None]))]  # a bit profile
+        bits = sum(s.high_key_bits + s.high_value_bits for s in schemes) / (2 * len(schemes))
+        kept *= min(1.0, 2.0 * bits / full_bits)  # codes plus parameters, generously
     return kept
 
 
