@@ -10,7 +10,15 @@ import torch
 from kvsqueeze.bench import Sample
 from kvsqueeze.bench.prompts import encode_sample
 from kvsqueeze.bench.report import markdown_table, paired_table, plot_results, ratio_summary, replace_block
-from kvsqueeze.bench.runner import BenchConfig, MethodSpec, fidelity, load_records, run_bench
+from kvsqueeze.bench.runner import (
+    BenchConfig,
+    MethodSpec,
+    continuation_logprobs,
+    fidelity,
+    load_records,
+    run_bench,
+)
+from kvsqueeze.cache import SqueezeCache
 from kvsqueeze.models.tiny import tiny_model
 
 
@@ -254,3 +262,17 @@ def test_two_profiles_of_one_method_are_two_rows(tmp_path):
     labels = {MethodSpec("snapkv", profile=str(p)).label for p in paths}
     assert labels == {"snapkv+a", "snapkv+b"}  # their run records do not overwrite each other
     assert MethodSpec("snapkv").label == "snapkv"
+
+
+def test_continuation_logprobs_stepwise_equals_one_call_on_the_full_cache():
+    """Teacher forcing token by token after a chunk (H2O's way) reads what one call reads when nothing is evicted."""
+    model = tiny_model("llama", seed=0)
+    prompt, ids = torch.randint(3, 200, (1, 12)), torch.randint(3, 200, (1, 9))
+    logprobs = []
+    for stepwise in (False, True):
+        cache = SqueezeCache(model, "full")
+        with torch.inference_mode():
+            model(prompt, cache=cache)
+            logprobs.append(continuation_logprobs(model, cache, ids, stepwise, chunk=4))
+    assert logprobs[0].shape == (9, model.config.vocab_size)
+    torch.testing.assert_close(logprobs[0], logprobs[1], atol=1e-4, rtol=1e-4)

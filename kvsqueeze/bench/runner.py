@@ -155,27 +155,32 @@ def stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[
     return {int(x) for t in ids if t is not None for x in (t if isinstance(t, list) else [t])}
 
 
+def continuation_logprobs(
+    model: PreTrainedModel, cache: SqueezeCache, ids: torch.Tensor, stepwise: bool, chunk: int = 1
+) -> torch.Tensor:
+    """Next-token log-probabilities after each token of ``ids`` (1, T), (T, V) fp32; ``cache`` advances.
+
+    Prefill-only methods take ``ids`` in one call (their cache does not change while decoding, so this equals
+    feeding them one by one); per-step methods (H2O) take the first ``chunk`` tokens in one call (a question)
+    and the rest token by token, evicting as they go.
+    """
+    if not stepwise:
+        return torch.log_softmax(model(ids, cache=cache).logits[0].float(), dim=-1)
+    rows = list(model(ids[:, :chunk], cache=cache).logits[0])
+    rows += [model(ids[:, i : i + 1], cache=cache).logits[0, -1] for i in range(chunk, ids.shape[1])]
+    return torch.log_softmax(torch.stack(rows).float(), dim=-1)
+
+
 def _teacher_logprobs(
     model: PreTrainedModel, cache: SqueezeCache, followup: torch.Tensor, teacher: list[int], stepwise: bool
 ) -> torch.Tensor:
-    """Next-token log-probabilities over the teacher continuation, (len(teacher), V) fp32.
-
-    Prefill-only methods take the teacher tokens in one chunk (their cache does not change while decoding,
-    so this equals decoding them one by one); per-step methods (H2O) decode token by token, evicting as
-    they go.
-    """
+    """Next-token log-probabilities over the teacher continuation after ``followup``, (len(teacher), V)."""
     if not teacher:
         return torch.empty(0)
-    teacher_ids = torch.tensor([teacher[:-1]], dtype=torch.long)
-    if not stepwise:
-        logits = model(torch.cat([followup, teacher_ids], dim=1), cache=cache).logits[
-            0, followup.shape[1] - 1 :
-        ]
-        return torch.log_softmax(logits.float(), dim=-1)
-    rows = [model(followup, cache=cache).logits[0, -1]]
-    for token in teacher[:-1]:
-        rows.append(model(torch.tensor([[token]]), cache=cache).logits[0, -1])
-    return torch.log_softmax(torch.stack(rows).float(), dim=-1)
+    ids = torch.cat([followup, torch.tensor([teacher[:-1]], dtype=torch.long)], dim=1)
+    return continuation_logprobs(model, cache, ids, stepwise, chunk=followup.shape[1])[
+        followup.shape[1] - 1 :
+    ]
 
 
 def fidelity(full_logprobs: torch.Tensor, logprobs: torch.Tensor) -> tuple[float, float]:

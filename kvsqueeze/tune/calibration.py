@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kvsqueeze.bench.runner import fidelity
+from kvsqueeze.bench.runner import continuation_logprobs, fidelity
 from kvsqueeze.cache import SqueezeCache
 from kvsqueeze.calibrate.documents import calibration_documents
 from kvsqueeze.methods.base import Method
@@ -32,18 +32,6 @@ class CalibrationSample:
     source: SqueezeCache  # full, ``record_prefill=True``, holding the context
     continuation: torch.Tensor  # (1, Y) the document's next tokens
     reference: torch.Tensor  # (Y, V) fp32 log-probabilities after each of them, full cache
-
-
-def continuation_logprobs(
-    model: PreTrainedModel, cache: SqueezeCache, continuation: torch.Tensor, stepwise: bool
-) -> torch.Tensor:
-    """Next-token log-probabilities after each continuation token, (Y, V) fp32; ``cache`` advances."""
-    if not stepwise:
-        return torch.log_softmax(model(continuation, cache=cache).logits[0].float(), dim=-1)
-    rows = [
-        model(continuation[:, i : i + 1], cache=cache).logits[0, -1] for i in range(continuation.shape[1])
-    ]
-    return torch.log_softmax(torch.stack(rows).float(), dim=-1)
 
 
 @torch.inference_mode()
