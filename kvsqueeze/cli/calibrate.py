@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from kvsqueeze.cli.commands import DTYPES
+
 LEARNED_METHODS = ("kvzap",)
 
 
@@ -15,6 +17,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--model", "-m", default=None, help="alias, GGUF path, HF folder or hub id (default: smollm2-135m)"
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=DTYPES,
+        help="weights and activations while scoring (default: float32); the weights fit either dtype",
     )
     p.add_argument("--method", default="kvzap", choices=LEARNED_METHODS, help="the learned method to fit")
     p.add_argument("--documents", type=int, default=48, help="calibration documents (default: 48)")
@@ -38,7 +46,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if args.ridge < 0:
         raise ValueError(f"--ridge must be >= 0, got {args.ridge}")
     name = args.model or DEFAULT_MODEL
-    model, tokenizer = load_model(name)
+    import torch
+
+    model, tokenizer = load_model(name, dtype=getattr(torch, args.dtype))
     from kvsqueeze.calibrate.fit import calibrate_kvzap
 
     fingerprint = model_fingerprint(model)
@@ -52,7 +62,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         tokens=args.tokens,
         held_out=args.held_out,
         ridge=args.ridge,
-        metadata={"model": name, "fingerprint": fingerprint},
+        metadata={"model": name, "fingerprint": fingerprint, "dtype": args.dtype},
     )
     out = result.weights.save(args.out or destination)
     print(
