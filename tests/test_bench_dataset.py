@@ -90,6 +90,11 @@ def test_dataset_runs_every_line_per_task(tiny_load, tmp_path, capsys):
     assert "7 samples in 3 task(s): capitals (4), numbers (2), jsonl (1)" in captured.err
     header = next(line for line in captured.out.splitlines() if line.startswith("| source"))
     assert "capitals" in header and "numbers" in header and "jsonl" in header
+    # no generated length: the prompts' own token counts give the context and the prefill rate
+    capitals = records["capitals"]
+    assert capitals["prompt_tokens"] == sum(s["prompt_tokens"] for s in capitals["samples"]) / 4 > 0
+    assert capitals["prefill_tokens_per_second"] > 0
+    assert "context a dataset's prompts (mean " in captured.out
 
 
 def test_samples_limits_each_task(tiny_load, tmp_path, capsys):

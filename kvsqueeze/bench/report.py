@@ -27,6 +27,15 @@ def calibrated_tasks(records: list[dict]) -> list[str]:
     return sorted(t for t, scores in full.items() if mean_of(scores) >= CALIBRATED)
 
 
+def _contexts(records: list[dict], lengths: list[int]) -> str:
+    """The context lengths of a table: the generated lengths, or a dataset's (length 0) mean prompt."""
+    parts = [str(n) for n in lengths if n]
+    if 0 in lengths:
+        mean = mean_of(r.get("prompt_tokens") for r in records if r["length"] == 0)
+        parts.append("a dataset's prompts" + (f" (mean {mean:.0f} tokens)" if mean == mean else ""))
+    return ", ".join(parts) + (" tokens" if parts[-1][0].isdigit() else "")
+
+
 def markdown_table(records: list[dict], setting: str) -> str:
     """One row per (source, method, budget): score per task, average (over every task, and over the tasks
     the full cache passes, see :func:`calibrated_tasks`), fidelity, memory, speed, overhead."""
@@ -56,7 +65,7 @@ def markdown_table(records: list[dict], setting: str) -> str:
         "overhead",
     ]
     lines = [
-        f"Setting `{setting}`, context {', '.join(str(n) for n in lengths)} tokens; scores in %; avg over "
+        f"Setting `{setting}`, context {_contexts(records, lengths)}; scores in %; avg over "
         "the row's tasks (`tasks` says how many ran), and over the tasks where the full cache scores at least "
         f"{100 * CALIBRATED:.0f}% ({_excluded(tasks, passed)}); "
         "KL and top-1 against the full cache over a teacher-forced continuation; "

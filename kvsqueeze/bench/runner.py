@@ -111,6 +111,7 @@ class SampleOutcome:
         int  # while compressing, answering and teacher forcing (model and shared prefill included)
     )
     teacher_ids: list[int] = field(default_factory=list)  # the full cache's continuation (full rows only)
+    prompt_tokens: int = 0  # tokens compressed (0 in records written before it was kept)
 
 
 def reset_peak_rss() -> None:
@@ -244,6 +245,7 @@ def run_sample(
             prefill_seconds=prefill,
             peak_rss_bytes=peak_rss(),
             teacher_ids=teacher if spec.name == "full" else [],
+            prompt_tokens=encoded.compressed_ids.shape[1],
         )
         if on_run is not None:
             on_run()
@@ -405,15 +407,18 @@ def _summarize(
 def _statistics(outcomes: list[SampleOutcome], length: int) -> dict:
     """A record's figures over its samples, and the samples themselves."""
     prefill = mean_of(o.prefill_seconds for o in outcomes)
+    # a --dataset run has no one length (0): its prompts' own token counts tell the prefill rate
+    tokens = mean_of(o.prompt_tokens for o in outcomes) if length == 0 else length
     return {
         "num_samples": len(outcomes),
+        "prompt_tokens": tokens,
         "score": mean_of(o.score for o in outcomes),
         "kl": mean_of(o.kl for o in outcomes),
         "top1": mean_of(o.top1 for o in outcomes),
         "cache_bytes": mean_of(o.cache_bytes for o in outcomes),
         "full_cache_bytes": mean_of(o.full_cache_bytes for o in outcomes),
         "decode_tokens_per_second": mean_of(o.decode_tokens_per_second for o in outcomes),
-        "prefill_tokens_per_second": length / prefill if prefill > 0 else float("nan"),
+        "prefill_tokens_per_second": tokens / prefill if prefill > 0 else float("nan"),
         "compression_overhead": mean_of(o.compression_seconds for o in outcomes) / prefill
         if prefill > 0
         else 0.0,
