@@ -35,7 +35,7 @@ def main(aliases: list[str]) -> None:
         subprocess.run([sys.executable, "-m", "kvsqueeze.cli.main", *command], check=True)
         model, _ = load_model(alias, dtype=getattr(torch, MODELS.get(alias, "float32")))  # same fingerprint
         made = user_weights_path("kvzap", model_fingerprint(model))
-        shutil.copy(made, SHIPPED_DIR / f"kvzap-{alias}.safetensors")
+        shutil.copyfile(made, SHIPPED_DIR / f"kvzap-{alias}.safetensors")
         print(f"{alias}: {made} -> {SHIPPED_DIR / f'kvzap-{alias}.safetensors'}")
 
 

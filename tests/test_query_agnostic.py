@@ -293,3 +293,17 @@ def test_shipped_weights_serve_the_packaged_model(smollm2):
     prompt = "The locker code is 4471. The weather was mild and the meeting ran long. " * 8
     result = kvsqueeze.generate(model, tokenizer, prompt, "kvzap", 0.5, max_new_tokens=4)
     assert result.cache_bytes < 0.6 * result.full_cache_bytes
+
+
+def test_weights_ship_for_every_full_attention_packaged_model():
+    """kvzap needs no calibration step on any packaged model kvzip can score (Gemma 3's sliding layers it cannot)."""
+    from kvsqueeze.models.registry import PACKAGED_MODELS
+    from kvsqueeze.weights import shipped_weights
+
+    shipped = {
+        ScorerWeights.load(p).metadata["model"]: ScorerWeights.load(p) for p in shipped_weights("kvzap")
+    }
+    full_attention = {alias for alias, m in PACKAGED_MODELS.items() if m.architecture != "gemma3_text"}
+    assert set(shipped) == full_attention
+    layers = {"smollm2-135m": 30, "qwen2.5-coder-0.5b": 24, "qwen2.5-coder-1.5b": 28}
+    assert {alias: w.num_layers for alias, w in shipped.items()} == layers
