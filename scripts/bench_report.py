@@ -271,8 +271,9 @@ def report(args: argparse.Namespace) -> None:
     records = [record for setting in SETTINGS for record in load_records(bench[setting], OUT)]
     pressed, failures = kvpress_results()
     records += pressed
-    # the query-aware summary's kvpress row is run query-aware too once those records exist
-    rival = "query_aware" if any(r["setting"] == "query_aware" for r in pressed) else "query_agnostic"
+    # the query-aware summary's kvpress row is run query-aware too once kvpress has run every task that way
+    aware_tasks = {r["task"] for r in pressed if r["setting"] == "query_aware"}
+    rival = "query_aware" if aware_tasks >= set(bench["query_aware"].tasks) else "query_agnostic"
     plots = plot_results(records, OUT / "plots")
     total = sum(wall_history())
     grid = bench["query_agnostic"]
@@ -291,7 +292,7 @@ def report(args: argparse.Namespace) -> None:
         + ".",
         "",
         f"kvpress rows: kvpress's own presses run in its own venv on the same samples and ratios, "
-        f"in the {' and '.join(KVPRESS_SETTINGS)} setting. AdaKV and KVzip mask evicted keys instead of "
+        f"in the {' and '.join(KVPRESS_SETTINGS)} settings. AdaKV and KVzip mask evicted keys instead of "
         "dropping them, so their `bytes / full` stays near 1 (the bytes they would hold are in the run "
         "records as `effective_cache_bytes`); their `overhead` is the prefill time they add over a plain "
         "prefill.",
@@ -315,15 +316,16 @@ def report(args: argparse.Namespace) -> None:
     ]
     if partial := partial_rows(records, "query_aware"):
         lines += ["", partial]
-    shared = sorted({r["task"] for r in pressed})
-    if shared and len(shared) < len(grid.tasks):
-        same = [r for r in records if r["task"] in shared]
-        lines += [
-            "",
-            f"### Side by side on the {len(shared)} tasks kvpress has run so far (query_agnostic)",
-            "",
-            markdown_table(same, "query_agnostic"),
-        ]
+    for setting in KVPRESS_SETTINGS:
+        shared = sorted({r["task"] for r in pressed if r["setting"] == setting})
+        if shared and len(shared) < len(grid.tasks):
+            same = [r for r in records if r["task"] in shared]
+            lines += [
+                "",
+                f"### Side by side on the {len(shared)} tasks kvpress has run so far ({setting})",
+                "",
+                markdown_table(same, setting),
+            ]
     for setting in SETTINGS:
         lines += ["", *repeats_section(setting)]
     for setting in SETTINGS:

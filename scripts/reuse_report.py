@@ -128,13 +128,19 @@ def main() -> None:
         help="what stored segments are computed after, then dropped ('bos': the tokenizer's BOS token)",
     )
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(ROOT / "docs" / "bench" / "reuse" / "multiagent.json"))
+    parser.add_argument(
+        "--out", help="records (default: docs/bench/reuse/multiagent.json for SmolLM2, else <model>.json)"
+    )
     parser.add_argument("--write", action="store_true")
     parser.add_argument(
         "--render", action="store_true", help="rebuild the block from the records in --out (no model run)"
     )
     args = parser.parse_args()
-    out = Path(args.out)
+    # SmolLM2's run was the first, under the generic names; every other model gets its own file and block
+    first = args.model == "smollm2-135m"
+    out = Path(
+        args.out or ROOT / "docs" / "bench" / "reuse" / ("multiagent.json" if first else f"{args.model}.json")
+    )
     if args.render:
         saved = json.loads(out.read_text())
         args = argparse.Namespace(**{**saved["args"], "write": args.write, "out": str(out)})
@@ -164,7 +170,8 @@ def main() -> None:
         body = body_of(args, result, doc_tokens, out, wall)
     print(body)
     if args.write:
-        replace_block(ROOT / "docs" / "RESULTS.md", "reuse", body)
+        block = "reuse" if args.model == "smollm2-135m" else f"reuse_{args.model}"  # args as saved
+        replace_block(ROOT / "docs" / "RESULTS.md", block, body)
 
 
 if __name__ == "__main__":
