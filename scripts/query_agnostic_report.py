@@ -197,6 +197,15 @@ def main() -> None:
             "",
             *overhead_lines(records),
         ]
+        if setting == "query_aware":  # the query-aware target: not below snapkv at any ratio
+            for budget in BUDGETS:
+                same = [r for r in records if r["method"] != "full" and r["budget"] == budget]
+                lines += [
+                    "",
+                    f"Against snapkv at keep {budget:g}, sample by sample:",
+                    "",
+                    paired_table(same, baseline=f"snapkv @ {budget:g}"),
+                ]
         if setting == "query_agnostic" and target.block == "query_agnostic":
             zero = sample_zero_lines(records)
             if zero:
