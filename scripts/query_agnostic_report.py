@@ -8,7 +8,9 @@ and kvpress's KVzip, at REPEAT_SAMPLES samples per task, and write its block in 
 
 Qwen2.5-Coder-0.5B runs at 4096 tokens and its records go to docs/bench/repeats (beside the 3-sample
 full-cache records the quantization rows use, which they share); SmolLM2-135M runs at 2048 tokens into
-docs/bench/smollm2-135m. Records are rewritten after every sample, so an interrupted run resumes and nothing
+docs/bench/smollm2-135m; Qwen2.5-Coder-1.5B runs at 2048 tokens in bfloat16 into
+docs/bench/qwen2.5-coder-1.5b/bfloat16, beside its quantization rows' full-cache records
+(``--model qwen2.5-coder-1.5b --stages query_agnostic --methods kvzap``). Records are rewritten after every sample, so an interrupted run resumes and nothing
 is computed twice. Stages: ``query_agnostic``
 (kvzip and kvzap at 0.1 and 0.25), ``kvpress`` (kvpress's KVzip on the same samples, its own venv),
 ``query_aware`` (kvzip, kvzap and SnapKV with the question inside the compressed prompt).
@@ -17,6 +19,7 @@ is computed twice. Stages: ``query_agnostic``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,23 +35,44 @@ ROOT = Path(__file__).resolve().parent.parent
 COMMAND = ".venv/bin/python scripts/query_agnostic_report.py --write"
 
 
+FP32, BF16 = torch.float32, torch.bfloat16
+
+
 @dataclass(frozen=True)
 class Target:
-    """A model the report runs on: its context length, where its records live, the block it writes."""
+    """A model the report runs on: its context length, where its records live, the block it writes, and the
+    dtype each setting runs in (records of a non-fp32 dtype go to a sub-folder named after it)."""
 
     length: int
     out: Path
     block: str
+    dtypes: dict[str, torch.dtype]
 
 
+# The first two models' query-agnostic rows were run in float32 before bfloat16 was fast on CPU (the dtype
+# block); every row run since uses bfloat16 like the other published runs, with its own full-cache rows.
 TARGETS = {
-    "qwen2.5-coder-0.5b": Target(4096, ROOT / "docs" / "bench" / "repeats", "query_agnostic"),
-    "smollm2-135m": Target(2048, ROOT / "docs" / "bench" / "smollm2-135m", "query_agnostic_smollm2"),
+    "qwen2.5-coder-0.5b": Target(
+        4096,
+        ROOT / "docs" / "bench" / "repeats",
+        "query_agnostic",
+        {"query_agnostic": FP32, "query_aware": BF16},
+    ),
+    "smollm2-135m": Target(
+        2048,
+        ROOT / "docs" / "bench" / "smollm2-135m",
+        "query_agnostic_smollm2",
+        {"query_agnostic": FP32, "query_aware": BF16},
+    ),
+    # the largest packaged model, at the length its quantization rows use (their full-cache records are shared)
+    "qwen2.5-coder-1.5b": Target(
+        2048,
+        ROOT / "docs" / "bench" / "qwen2.5-coder-1.5b",
+        "query_agnostic_1p5b",
+        {"query_agnostic": BF16, "query_aware": BF16},
+    ),
 }
 REPEAT_SAMPLES = 3
-# The query-agnostic rows were run in float32 before bfloat16 was fast on CPU (the dtype block); the
-# query-aware rows, run later, use bfloat16 like every published run since, with their own full-cache rows.
-DTYPES = {"query_agnostic": torch.float32, "query_aware": torch.bfloat16}
 BUDGETS = (0.1, 0.25)
 STAGES = ("query_agnostic", "kvpress", "query_aware")
 ROWS = {"query_agnostic": ("kvzip", "kvzap"), "query_aware": ("kvzip", "kvzap", "snapkv")}
@@ -70,7 +94,7 @@ def config(setting: str, target: Target) -> BenchConfig:
 
 def records_folder(target: Target, setting: str) -> Path:
     """Where a setting's run records live: the target's folder, in a sub-folder named after a non-fp32 dtype."""
-    dtype = DTYPES[setting]
+    dtype = target.dtypes[setting]
     return target.out if dtype == torch.float32 else target.out / str(dtype).removeprefix("torch.")
 
 
@@ -144,19 +168,18 @@ def main() -> None:
     )
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)}")
     parser.add_argument("--model", default="qwen2.5-coder-0.5b", choices=sorted(TARGETS))
+    parser.add_argument("--methods", help="run only these of the stage's rows now (comma list; default: all)")
     args = parser.parse_args()
     stages = [s for s in args.stages.split(",") if s]
     target = TARGETS[args.model]
     for setting in ("query_agnostic", "query_aware"):
         if setting in stages:
-            model, tokenizer = kvsqueeze.load_model(args.model, dtype=DTYPES[setting])
-            run_bench(
-                model,
-                tokenizer,
-                config(setting, target),
-                records_folder(target, setting),
-                model_name=args.model,
-            )
+            model, tokenizer = kvsqueeze.load_model(args.model, dtype=target.dtypes[setting])
+            rows = config(setting, target)
+            if args.methods:  # run only these now; the tables still show every row on disk
+                chosen = set(args.methods.split(","))
+                rows = dataclasses.replace(rows, methods=[m for m in rows.methods if m.name in chosen])
+            run_bench(model, tokenizer, rows, records_folder(target, setting), model_name=args.model)
     if "kvpress" in stages:  # in kvpress's venv, float32; our model only tokenizes
         from kvsqueeze.bench.baseline import run_kvpress_baseline
 
@@ -186,7 +209,7 @@ def main() -> None:
             "",
             f"### {setting}",
             "",
-            f"kvsqueeze rows in {str(DTYPES[setting]).removeprefix('torch.')} (run records in "
+            f"kvsqueeze rows in {str(target.dtypes[setting]).removeprefix('torch.')} (run records in "
             f"`{records_folder(target, setting).relative_to(ROOT)}`). " + sample_counts(records),
             "",
             markdown_table(records, setting) if records else "_not run yet_",
