@@ -307,3 +307,21 @@ def test_weights_ship_for_every_full_attention_packaged_model():
     assert set(shipped) == full_attention
     layers = {"smollm2-135m": 30, "qwen2.5-coder-0.5b": 24, "qwen2.5-coder-1.5b": 28}
     assert {alias: w.num_layers for alias, w in shipped.items()} == layers
+
+
+def test_kvzip_window_keeps_the_prompts_last_rows(llama, tokenizer):
+    """window=N keeps the last N prompt rows in every head (a question asked inside the prompt), none by default."""
+    ids = prompt_ids(tokenizer, "The code for the north gate is 7302. The weather was mild. " * 6)
+    n = ids.shape[1]
+    source = SqueezeCache(llama, "full", record_prefill=True, tokenizer=tokenizer)
+    with torch.inference_mode():
+        llama(ids, cache=source)
+    tail = set(range(n - 8, n))
+    windowed = source.fork("kvzip", 0.1, window=8)
+    for layer in windowed.layers:
+        for head in layer.kept_positions()[0]:
+            assert tail <= set(head)
+    plain = source.fork("kvzip", 0.1)
+    assert any(not tail <= set(head) for layer in plain.layers for head in layer.kept_positions()[0])
+    with pytest.raises(ValueError, match="window must be >= 0"):
+        source.fork("kvzip", 0.1, window=-1)

@@ -13,6 +13,10 @@ the rows are freed (stored ragged per head), and left-padded batches work. The r
 prefill; ``kvzap`` predicts these scores inside the one prefill instead. Needs the model and its tokenizer
 (``SqueezeCache(model, "kvzip", 0.25, tokenizer=tokenizer)``; ``kvsqueeze.generate`` passes both) and
 full-attention layers (not Gemma 3's sliding ones).
+
+With the question inside the compressed prompt (query-aware), a replay scores the question like any context
+it repeats, and at keep 0.1 it is often evicted (the kept-needle block of docs/RESULTS.md): ``window=16``
+always keeps the prompt's last rows, as ``kvzap`` does. The default keeps none, as KVzip's code and kvpress.
 """
 
 from __future__ import annotations
@@ -35,15 +39,19 @@ class KVzip(Method):
     sinks: int = 4
     overlap: int = 8
     keep_header: bool = True
+    window: int = 0  # the last rows always kept: 16 keeps a question asked inside the prompt, as kvzap does
 
     def validate(self) -> None:
         super().validate()
         if self.chunk_size < 1:
             raise ValueError(f"kvzip: chunk_size must be >= 1, got {self.chunk_size}")
+        if self.window < 0:
+            raise ValueError(f"kvzip: window must be >= 0, got {self.window}")
 
     def components(self) -> Components:
         return Components(
             ReconstructionScorer(self.chunk_size, self.sinks, self.overlap, self.keep_header),
-            GlobalTopK(sinks=self.sinks),
+            GlobalTopK(sinks=self.sinks, window=self.window),
             sinks=self.sinks,
+            window=self.window,
         )
