@@ -4,26 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-from kvsqueeze.cli.commands import DTYPES
-
 LEARNED_METHODS = ("kvzap",)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the ``calibrate`` subcommand."""
+    from kvsqueeze.cli.main import _add_model
+
     p = sub.add_parser(
         "calibrate",
         help="fit a learned scorer (kvzap) to native kvzip scores on offline documents (resumable)",
     )
-    p.add_argument(
-        "--model", "-m", default=None, help="alias, GGUF path, HF folder or hub id (default: smollm2-135m)"
-    )
-    p.add_argument(
-        "--dtype",
-        default="float32",
-        choices=DTYPES,
-        help="weights and activations while scoring (default: float32); the weights fit either dtype",
-    )
+    _add_model(p)  # --model, --dtype (the fitted weights serve the model in any dtype)
     p.add_argument("--method", default="kvzap", choices=LEARNED_METHODS, help="the learned method to fit")
     p.add_argument("--documents", type=int, default=48, help="calibration documents (default: 48)")
     p.add_argument("--tokens", type=int, default=2048, help="tokens per document (default: 2048)")
@@ -34,7 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from kvsqueeze.models import DEFAULT_MODEL, load_model
+    from kvsqueeze.cli.commands import _load
+    from kvsqueeze.models import DEFAULT_MODEL
     from kvsqueeze.models.fingerprint import model_fingerprint
     from kvsqueeze.weights import user_weights_path
 
@@ -46,9 +39,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if args.ridge < 0:
         raise ValueError(f"--ridge must be >= 0, got {args.ridge}")
     name = args.model or DEFAULT_MODEL
-    import torch
-
-    model, tokenizer = load_model(name, dtype=getattr(torch, args.dtype))
+    model, tokenizer = _load(args)
     from kvsqueeze.calibrate.fit import calibrate_kvzap
 
     fingerprint = model_fingerprint(model)
