@@ -31,9 +31,10 @@ def main(aliases: list[str]) -> None:
     from kvsqueeze.weights import SHIPPED_DIR, user_weights_path
 
     for alias in aliases or [a for a in MODELS if is_installed(a)]:
-        command = ["calibrate", "--model", alias, "--dtype", MODELS.get(alias, "float32"), *SETTINGS]
+        dtype = MODELS.get(alias, "float32")
+        command = ["calibrate", "--model", alias, "--dtype", dtype, *SETTINGS]
         subprocess.run([sys.executable, "-m", "kvsqueeze.cli.main", *command], check=True)
-        model, _ = load_model(alias, dtype=getattr(torch, MODELS.get(alias, "float32")))  # same fingerprint
+        model, _ = load_model(alias, dtype=getattr(torch, dtype))  # the fingerprint calibrate saved under
         made = user_weights_path("kvzap", model_fingerprint(model))
         shutil.copyfile(made, SHIPPED_DIR / f"kvzap-{alias}.safetensors")
         print(f"{alias}: {made} -> {SHIPPED_DIR / f'kvzap-{alias}.safetensors'}")

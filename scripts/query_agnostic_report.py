@@ -10,10 +10,10 @@ Qwen2.5-Coder-0.5B runs at 4096 tokens and its records go to docs/bench/repeats 
 full-cache records the quantization rows use, which they share); SmolLM2-135M runs at 2048 tokens into
 docs/bench/smollm2-135m; Qwen2.5-Coder-1.5B runs at 2048 tokens in bfloat16 into
 docs/bench/qwen2.5-coder-1.5b/bfloat16, beside its quantization rows' full-cache records
-(``--model qwen2.5-coder-1.5b --stages query_agnostic --methods kvzap``). Records are rewritten after every sample, so an interrupted run resumes and nothing
-is computed twice. Stages: ``query_agnostic``
-(kvzip and kvzap at 0.1 and 0.25), ``kvpress`` (kvpress's KVzip on the same samples, its own venv),
-``query_aware`` (kvzip, kvzap and SnapKV with the question inside the compressed prompt).
+(``--model qwen2.5-coder-1.5b --stages query_agnostic --methods kvzap``). Records are rewritten after every
+sample, so an interrupted run resumes and nothing is computed twice. Stages: ``query_agnostic`` (kvzip and
+kvzap at 0.1 and 0.25), ``kvpress`` (kvpress's KVzip on the same samples, its own venv), ``query_aware``
+(kvzip, kvzap and SnapKV with the question inside the compressed prompt).
 """
 
 from __future__ import annotations
@@ -92,10 +92,15 @@ def config(setting: str, target: Target) -> BenchConfig:
     )
 
 
+def dtype_name(target: Target, setting: str) -> str:
+    """The dtype a setting runs in, by name (``bfloat16``)."""
+    return str(target.dtypes[setting]).removeprefix("torch.")
+
+
 def records_folder(target: Target, setting: str) -> Path:
     """Where a setting's run records live: the target's folder, in a sub-folder named after a non-fp32 dtype."""
-    dtype = target.dtypes[setting]
-    return target.out if dtype == torch.float32 else target.out / str(dtype).removeprefix("torch.")
+    name = dtype_name(target, setting)
+    return target.out if name == "float32" else target.out / name
 
 
 def kvpress_records(target: Target) -> list[dict]:
@@ -209,7 +214,7 @@ def main() -> None:
             "",
             f"### {setting}",
             "",
-            f"kvsqueeze rows in {str(target.dtypes[setting]).removeprefix('torch.')} (run records in "
+            f"kvsqueeze rows in {dtype_name(target, setting)} (run records in "
             f"`{records_folder(target, setting).relative_to(ROOT)}`). " + sample_counts(records),
             "",
             markdown_table(records, setting) if records else "_not run yet_",

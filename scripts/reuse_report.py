@@ -114,6 +114,11 @@ def targets(records: list[dict], summary: dict[str, dict]) -> list[str]:
     return [" ".join(lines), "", "Issue 21's targets for KVCOMM at 5 agents: " + "; ".join(verdict) + "."]
 
 
+def published_names(model: str) -> tuple[str, str]:
+    """(records file name, RESULTS block) of a model's run: SmolLM2's was the first, under the generic names."""
+    return ("multiagent.json", "reuse") if model == "smollm2-135m" else (f"{model}.json", f"reuse_{model}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -136,11 +141,7 @@ def main() -> None:
         "--render", action="store_true", help="rebuild the block from the records in --out (no model run)"
     )
     args = parser.parse_args()
-    # SmolLM2's run was the first, under the generic names; every other model gets its own file and block
-    first = args.model == "smollm2-135m"
-    out = Path(
-        args.out or ROOT / "docs" / "bench" / "reuse" / ("multiagent.json" if first else f"{args.model}.json")
-    )
+    out = Path(args.out or ROOT / "docs" / "bench" / "reuse" / published_names(args.model)[0])
     if args.render:
         saved = json.loads(out.read_text())
         args = argparse.Namespace(**{**saved["args"], "write": args.write, "out": str(out)})
@@ -170,8 +171,7 @@ def main() -> None:
         body = body_of(args, result, doc_tokens, out, wall)
     print(body)
     if args.write:
-        block = "reuse" if args.model == "smollm2-135m" else f"reuse_{args.model}"  # args as saved
-        replace_block(ROOT / "docs" / "RESULTS.md", block, body)
+        replace_block(ROOT / "docs" / "RESULTS.md", published_names(args.model)[1], body)  # args as saved
 
 
 if __name__ == "__main__":

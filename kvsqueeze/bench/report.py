@@ -29,11 +29,12 @@ def calibrated_tasks(records: list[dict]) -> list[str]:
 
 def _contexts(records: list[dict], lengths: list[int]) -> str:
     """The context lengths of a table: the generated lengths, or a dataset's (length 0) mean prompt."""
-    parts = [str(n) for n in lengths if n]
+    generated = [str(n) for n in lengths if n]
+    parts = [f"{', '.join(generated)} tokens"] if generated else []
     if 0 in lengths:
         mean = mean_of(r.get("prompt_tokens") for r in records if r["length"] == 0)
         parts.append("a dataset's prompts" + (f" (mean {mean:.0f} tokens)" if mean == mean else ""))
-    return ", ".join(parts) + (" tokens" if parts[-1][0].isdigit() else "")
+    return ", ".join(parts)
 
 
 def markdown_table(records: list[dict], setting: str) -> str:
