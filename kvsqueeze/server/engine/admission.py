@@ -57,9 +57,9 @@ def prior_ratio(method: Method, budget: Budget, prompt_tokens: int, dtype: torch
         kept = min(1.0, float(budget.resolve(torch.tensor([prompt_tokens]))[0]) / max(1, prompt_tokens))
     if comp.quantize is not None:
         full_bits = torch.empty((), dtype=dtype).element_size() * 8
-        quantize = comp.quantize
-        schemes = [quantize.scheme_for(i) for i in range(len(quantize.layer_bits or [None]))]  # a bit profile
-        bits = sum(s.high_key_bits + s.high_value_bits for s in schemes) / (2 * len(schemes))
+        scheme = comp.quantize.scheme
+        pairs = comp.quantize.layer_bits or ((scheme.high_key_bits, scheme.high_value_bits),)  # a bit profile
+        bits = sum(k + v for k, v in pairs) / (2 * len(pairs))
         kept *= min(1.0, 2.0 * bits / full_bits)  # codes plus parameters, generously
     return kept
 
