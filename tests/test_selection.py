@@ -43,15 +43,26 @@ def _bound(q: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> float:
     return float(torch.maximum(q * high, q * low).sum())
 
 
+def _relative_best_head(q: torch.Tensor, bounds: list[tuple[torch.Tensor, torch.Tensor]], p: int) -> float:
+    """Quest's score with ``group="max"``: each head's bound relative to its best page, the best head's."""
+    per_head = [[_bound(q[h : h + 1], *b) for b in bounds] for h in range(q.shape[0])]
+    return max(scores[p] - max(scores) for scores in per_head)
+
+
 def _linear(q: torch.Tensor, low: torch.Tensor, high: torch.Tensor, alpha: float) -> float:
     return float((q * (alpha * high + (1 - alpha) * low)).sum())
 
 
-def _reference_quest(q: torch.Tensor, keys: torch.Tensor, length: int, budget: int, page: int) -> list[int]:
+def _reference_quest(
+    q: torch.Tensor, keys: torch.Tensor, length: int, budget: int, page: int, group: str = "sum"
+) -> list[int]:
     bounds = _reference_bounds(keys, length, page)
     pages = len(bounds)
     count = pages if budget >= length else min(pages, max(3, budget // page))
-    middle = sorted(range(1, pages - 1), key=lambda p: -_bound(q, *bounds[p]))
+    if group == "max":
+        middle = sorted(range(1, pages - 1), key=lambda p: -_relative_best_head(q, bounds, p))
+    else:
+        middle = sorted(range(1, pages - 1), key=lambda p: -_bound(q, *bounds[p]))
     return sorted({0, pages - 1, *middle[: count - 2]})
 
 
@@ -77,17 +88,18 @@ def _chosen(select: Select, query: torch.Tensor, keys, positions, lengths) -> li
     return [sorted(p[v].tolist()) for p, v in zip(pages, valid, strict=True)]
 
 
+@pytest.mark.parametrize("group", ["sum", "max"])
 @pytest.mark.parametrize("seed", range(4))
-def test_quest_pages_match_a_brute_force_reference(seed):
+def test_quest_pages_match_a_brute_force_reference(seed, group):
     lengths = [61, 61, 37, 37]  # two sequences x two KV heads, ragged (a padded batch's rows)
     keys, positions, lengths_t = _rows(seed, lengths)
     query = torch.randn(2, 6, 1, 8, generator=torch.Generator().manual_seed(100 + seed))  # g = 3
-    select = Select(page_size=PAGE, score="bound")
+    select = Select(page_size=PAGE, score="bound", group=group)
     select.set_budget(torch.tensor([61, 37]), torch.tensor([20, 14]))
     got = _chosen(select, query, keys, positions, lengths_t)
     groups = query[:, :, 0].reshape(4, 3, 8)  # segment s = b * H_kv + h: its query heads
     budgets = [20, 20, 14, 14]
-    expected = [_reference_quest(groups[s], keys[s], lengths[s], budgets[s], PAGE) for s in range(4)]
+    expected = [_reference_quest(groups[s], keys[s], lengths[s], budgets[s], PAGE, group) for s in range(4)]
     assert got == expected
     assert all(len(p) * PAGE <= max(b, 3 * PAGE) for p, b in zip(got, budgets, strict=True))
 
@@ -170,11 +182,11 @@ def test_decode_attends_to_the_gathered_rows_exactly():
     torch.testing.assert_close(out[:, 0], expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["quest", "mpcache"])
-def test_padded_batch_selects_as_each_sequence_alone(tiny_models, method):
+@pytest.mark.parametrize(("method", "extra"), [("quest", {}), ("quest", {"group": "max"}), ("mpcache", {})])
+def test_padded_batch_selects_as_each_sequence_alone(tiny_models, method, extra):
     """Left padding is never a page: each sequence of a padded batch decodes as it does alone."""
     model = tiny_models("llama")
-    params = {"dense_layers": 0}
+    params = {"dense_layers": 0, **extra}
     lengths = [150, 97, 120]
     ids, mask = left_padded_batch(lengths, seed=12)
     batch = squeeze_generate(model, SqueezeCache(model, method, 0.2, **params), ids, mask, max_new_tokens=8)

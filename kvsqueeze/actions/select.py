@@ -16,8 +16,11 @@ Two page scores (spec B, §4.1 and §2):
   ``coarse_ratio`` of them (with the first and the last) make their pages eligible, and the pages are then
   chosen among those.
 
-GQA: a KV head's page score is the sum of its query heads' scores (``q+`` and ``q-`` are summed over the
-group for the bound, ``q`` for the linear score), so every head of a group reads the same rows.
+GQA: every head of a group reads the same rows. By default (``group="sum"``) a KV head's page score is the
+sum of its query heads' scores (``q+`` and ``q-`` are summed over the group for the bound, ``q`` for the
+linear score). With ``group="max"`` each query head's scores are taken relative to its own best page and a
+page scores its best head's: ``max_h (s_h(p) - max_p' s_h(p'))``, so a page one head needs is not outvoted
+by the others.
 
 The page summaries are kept up to date as rows are appended: only the pages from the oldest changed one on
 are recomputed (at a decode step, the newest page). Anything else that changes rows (an eviction, a merge,
@@ -37,6 +40,7 @@ import torch
 from kvsqueeze.attention.observation import Observation
 
 SCORES = ("bound", "linear")
+GROUP_REDUCTIONS = ("sum", "max")
 
 
 @dataclass
@@ -138,6 +142,7 @@ class Select:
         coarse_ratio: share of coarse clusters whose pages stay eligible (MPCache's rho_1 = 0.5).
         dense_layers: the first layers attend to every row (Quest: 2).
         min_pages: at least this many pages per step (Quest's code: 3).
+        group: how a GQA group's query heads score a page together, ``"sum"`` or ``"max"`` (module doc).
         ratio, tokens: the selection budget, tokens attended per step: a ratio of the prompt or a count;
             both None: the cache's budget.
     """
@@ -149,6 +154,7 @@ class Select:
     coarse_ratio: float = 1.0
     dense_layers: int = 0
     min_pages: int = 3
+    group: str = "sum"
     ratio: float | None = None
     tokens: int | None = None
     index: PageIndex | None = field(default=None, repr=False)
@@ -157,6 +163,10 @@ class Select:
     def __post_init__(self) -> None:
         if self.score not in SCORES:
             raise ValueError(f"page score must be one of {', '.join(SCORES)}, got {self.score!r}")
+        if self.group not in GROUP_REDUCTIONS:
+            raise ValueError(
+                f"group reduction must be one of {', '.join(GROUP_REDUCTIONS)}, got {self.group!r}"
+            )
         if self.page_size < 1 or self.coarse < 1 or self.min_pages < 2:
             raise ValueError("page_size and coarse must be >= 1 and min_pages >= 2")
 
@@ -227,7 +237,7 @@ class Select:
         num_kv_heads = s // b
         pages, count = counts if counts is not None else self.pages_per_segment(lengths, num_kv_heads)
         q = query.float().view(b, num_kv_heads, h // num_kv_heads, d).reshape(s, -1, d)  # (S, g, D)
-        scores = self.page_scores(q, index.kmin.float(), index.kmax.float())  # (S, P)
+        scores = self.page_scores(q, index.kmin.float(), index.kmax.float(), pages)  # (S, P)
         newest = pages - 1  # (S,)
         if self.coarse > 1:
             scores = scores.masked_fill(~self.eligible(q, index, pages, count), float("-inf"))
@@ -235,7 +245,9 @@ class Select:
         scores = scores.masked_fill(slot >= newest[:, None], float("-inf"))  # the newest and past it
         scores[:, 0] = float("-inf")  # the sinks' page: always in, first
         k = max(0, int(count.max()) - 2)
-        middle = scores.topk(k, dim=-1).indices  # (S, k) best first
+        # best first; ties (every head's best page scores 0 with group="max") go to the oldest page, so a
+        # sequence picks the same pages in a padded batch as alone
+        middle = scores.sort(dim=-1, descending=True, stable=True).indices[:, :k]  # (S, k)
         taken = torch.arange(k, device=query.device)[None, :] < (count - 2)[:, None]  # (S, k)
         if self.coarse > 1:
             taken &= scores.gather(1, middle) > float("-inf")  # never an ineligible page
@@ -244,8 +256,21 @@ class Select:
         ok = torch.cat([torch.ones_like(first, dtype=torch.bool), taken, (newest > 0)[:, None]], dim=1)
         return chosen_pages, ok
 
-    def page_scores(self, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
-        """(S, P) fp32 score of every page for the group's queries q (S, g, D), bounds (S, P, D)."""
+    def page_scores(
+        self, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, stored: torch.Tensor
+    ) -> torch.Tensor:
+        """(S, P) fp32 score of every page for the group's queries q (S, g, D), bounds (S, P, D); ``stored``
+        (S,) counts each segment's pages that hold rows (the others score as they may, never chosen)."""
+        if self.group == "max":
+            if self.score == "bound":
+                per_head = torch.einsum("spd,sgd->sgp", kmax, q.clamp(min=0))
+                per_head += torch.einsum("spd,sgd->sgp", kmin, q.clamp(max=0))  # (S, g, P)
+            else:
+                representative = self.alpha * kmax + (1 - self.alpha) * kmin  # (S, P, D)
+                per_head = torch.einsum("spd,sgd->sgp", representative, q)
+            exists = torch.arange(per_head.shape[-1], device=q.device) < stored[:, None, None]  # (S, 1, P)
+            best = per_head.masked_fill(~exists, float("-inf")).amax(dim=-1, keepdim=True)  # (S, g, 1)
+            return (per_head - best).amax(dim=1)
         if self.score == "bound":
             positive, negative = q.clamp(min=0).sum(1), q.clamp(max=0).sum(1)  # (S, D)
             return _matvec(kmax, positive) + _matvec(kmin, negative)
@@ -267,10 +292,10 @@ class Select:
         clusters = -(-n // c)
         low = index.kmin[:, : whole * c].view(s, whole, c, d).amin(2)  # (S, C', D) views, then reduced
         high = index.kmax[:, : whole * c].view(s, whole, c, d).amax(2)
-        scores = self.page_scores(q, low.float(), high.float())  # (S, C')
+        stored = (pages + c - 1) // c  # (S,) coarse clusters holding rows
+        scores = self.page_scores(q, low.float(), high.float(), stored)  # (S, C')
         if clusters > whole:
             scores = torch.cat([scores, scores.new_full((s, 1), float("inf"))], dim=1)  # (S, C)
-        stored = (pages + c - 1) // c  # (S,) coarse clusters holding rows
         slot = torch.arange(clusters, device=q.device)[None, :]
         exists = slot < stored[:, None]
         forced = (slot == 0) | (slot == (stored - 1)[:, None])

@@ -4,7 +4,8 @@ Every row stays. Rows are grouped in pages of ``page_size = 16`` consecutive tok
 per-channel minimum and maximum of its keys; at every one-token decode step each KV head scores its pages by
 ``sum_i max(q_i M_i, q_i m_i)`` (an upper bound of ``q . k`` in the page; GQA: summed over the group) and
 attends to the rows of the best ``max(3, budget // 16)`` pages only, the first page (attention sinks) and
-the newest page (the current token) always among them. Spec B §4.1; defaults from the official code
+the newest page (the current token) always among them (``group="max"``: a page scores its best query
+head's bound relative to that head's best page instead, see :mod:`kvsqueeze.actions.select`). Spec B §4.1; defaults from the official code
 (mit-han-lab/Quest): page size 16, at least 3 pages, the prompt and the first ``dense_layers = 2`` layers
 dense. A call of several tokens after the prompt (a question, a chunk) attends densely too, as Quest's
 prefill does; sliding-window layers (Gemma 3) attend densely to their window.
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvsqueeze.actions.select import Select, check_selection_budget
+from kvsqueeze.actions.select import GROUP_REDUCTIONS, Select, check_selection_budget
 from kvsqueeze.methods.base import Components, Method, Schedule, register
 
 
@@ -37,6 +38,7 @@ class Quest(Method):
     page_size: int = 16
     dense_layers: int = 2
     min_pages: int = 3
+    group: str = "sum"
     select_ratio: float | None = None
     select_tokens: int | None = None
 
@@ -48,6 +50,8 @@ class Quest(Method):
             raise ValueError(
                 f"quest: min_pages must be >= 2 (the sinks' page and the newest), got {self.min_pages}"
             )
+        if self.group not in GROUP_REDUCTIONS:
+            raise ValueError(f"quest: group must be one of {', '.join(GROUP_REDUCTIONS)}, got {self.group!r}")
         check_selection_budget(self.name, self.select_ratio, self.select_tokens)
 
     def components(self) -> Components:
@@ -56,6 +60,7 @@ class Quest(Method):
             score="bound",
             dense_layers=self.dense_layers,
             min_pages=self.min_pages,
+            group=self.group,
             ratio=self.select_ratio,
             tokens=self.select_tokens,
         )
