@@ -119,6 +119,35 @@ def test_kvcomm_anchors_dense_then_reuse():
     assert other.dense  # a new agent needs its own offsets first
 
 
+def test_kvcomm_recompute_tail_computes_after_the_last_long_segment():
+    """recompute_tail=N: the prompt after its last shared segment of >= N tokens is computed on top of the
+    assembled head (its shared pieces get no anchors); with the head's exact offsets, the whole cache is the
+    dense prefill's. A prompt with no segment that long is a dense prefill."""
+    model = _model("llama")
+    tok = tiny_tokenizer()
+    reuse = KVReuse(model, tok, "kvcomm", recompute_tail=8)
+    assert reuse.policy.name == "kvcomm(recompute_tail=8)"
+    segments = [
+        Segment("Agent A.\n"),
+        Segment(DOC, shared=True, slot="doc"),
+        Segment("\nQ: "),
+        Segment("code?", shared=True, slot="question"),
+        Segment(" Reply."),
+    ]
+    first = reuse.prepare(segments)
+    assert first.dense
+    again = reuse.prepare(segments)
+    tail = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in ("\nQ: ", "code?", " Reply."))
+    assert not again.dense and again.recomputed_tokens == tail  # the last token is in the tail
+    assert again.reused_tokens + again.recomputed_tokens == again.num_tokens
+    for layer in range(3):
+        torch.testing.assert_close(_keys(again.cache, layer), _keys(first.cache, layer), atol=1e-4, rtol=1e-4)
+    assert set(reuse.policy.pools) == {"doc"}
+    short = reuse.prepare([Segment("Agent A.\n"), Segment("tiny", shared=True), Segment(" Reply.")])
+    assert short.dense and short.reused_tokens == 0
+    _one_line_error(lambda: KVReuse(model, tok, "kvcomm", recompute_tail=-1))
+
+
 def test_kvcomm_entropy_test_reuses_close_content():
     """With two anchors of the slot, content close to one of them (low entropy) is reused, not prefilled;
     content as far from both (high entropy) becomes a third anchor."""

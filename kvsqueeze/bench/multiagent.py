@@ -20,13 +20,14 @@ from __future__ import annotations
 import random
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kvsqueeze.bench.haystack import NOUNS, Haystack
 from kvsqueeze.generation import generate
-from kvsqueeze.reuse import KVReuse, Segment, SegmentStore
+from kvsqueeze.reuse import KVReuse, ReusePolicy, Segment, SegmentStore
 
 ROLES = (
     "a retrieval assistant who finds facts in documents",
@@ -129,14 +130,15 @@ def run_multiagent(
     tokenizer: PreTrainedTokenizerBase,
     queries: list[Query],
     *,
-    policies: tuple[str, ...] = ("full", "plain", "cacheblend", "kvcomm"),
+    policies: Sequence[str | ReusePolicy] = ("full", "plain", "cacheblend", "kvcomm"),
     num_agents: int = 5,
     max_new_tokens: int = 16,
     header: str | None = None,
     log=print,
 ) -> dict:
-    """Run every policy over ``queries`` with ``num_agents`` agents; returns per-call records and, per
-    policy, the summary figures (see the module doc). ``header``: what stored segments are computed
+    """Run every policy (a name, or a fresh :class:`ReusePolicy` reported by its ``name``) over ``queries``
+    with ``num_agents`` agents; returns per-call records and, per policy, the summary figures (see the module
+    doc). ``header``: what stored segments are computed
     after (``KVReuse``'s; default its BOS token). An agent's answer, as later agents read it, is its
     first line up to the end of its first sentence."""
     if num_agents > len(ROLES):
@@ -147,7 +149,10 @@ def run_multiagent(
     for query in queries:
         indexer.add(query.document)
     index_seconds = time.perf_counter() - index_start
-    reusers = {p: KVReuse(model, tokenizer, p, store=indexed.copy(), header=header) for p in policies}
+    reusers = {}
+    for p in policies:
+        reuse = KVReuse(model, tokenizer, p, store=indexed.copy(), header=header)
+        reusers[reuse.policy.name] = reuse
     records: list[dict] = []
     for qi, query in enumerate(queries):
         for policy, reuse in reusers.items():

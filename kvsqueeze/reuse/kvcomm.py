@@ -25,6 +25,13 @@ token is recomputed.
 Content that is itself an anchor with this agent's offsets gets exactly those offsets. Defaults from the
 official code (FastMAS/KVCOMM ``config.py``): ``gamma=0.3``, ``max_anchors=20``, ``window=5``,
 ``temperature=1``, ``top_p=0.9``.
+
+Beyond the paper, ``recompute_tail=N`` assembles the prompt only up to its last shared segment of at least
+``N`` tokens (a document) and computes everything after it (a question, short answers, the closing text) on
+top of that, as a dense prefill would. Shared segments in that tail get no anchors. Why: a question's KV
+computed alone, plus offsets measured on other questions, cannot hold what the question's tokens read from
+*this* document in a dense prefill; on Qwen2.5-Coder-0.5B reusing it gives another project's access code
+(docs/RESULTS.md, reuse). ``0`` (the default) is the paper: only the prompt's last token is computed.
 """
 
 from __future__ import annotations
@@ -53,6 +60,8 @@ class KVCOMMConfig:
         temperature: of both offset weightings (1).
         top_p: the activation nucleus (0.9).
         delta_dtype: dtype the measured offsets are stored in (they are added in fp32).
+        recompute_tail: 0 (the paper) computes only the last prompt token; N > 0 computes every token after
+            the prompt's last shared segment of at least N tokens (see the module doc).
     """
 
     gamma: float = 0.3
@@ -61,8 +70,11 @@ class KVCOMMConfig:
     temperature: float = 1.0
     top_p: float = 0.9
     delta_dtype: torch.dtype = torch.float32
+    recompute_tail: int = 0
 
     def __post_init__(self) -> None:
+        if self.recompute_tail < 0:
+            raise ValueError(f"kvcomm recompute_tail must be >= 0, got {self.recompute_tail}")
         if self.gamma < 0:
             raise ValueError(f"kvcomm gamma must be >= 0, got {self.gamma}")
         if self.max_anchors < 1 or self.window < 1:
@@ -104,6 +116,8 @@ class KVCOMM(ReusePolicy):
 
     def __init__(self, config: KVCOMMConfig | None = None, **params: float) -> None:
         self.config = config or KVCOMMConfig(**params)
+        if self.config.recompute_tail:  # its own label in reports
+            self.name = f"kvcomm(recompute_tail={self.config.recompute_tail})"
         self.pools: dict[str, list[Anchor]] = {}
         self.templates: dict[str, dict[int, SegmentKV]] = {}  # agent -> piece index -> its real KV
         self.calls = 0
@@ -127,6 +141,11 @@ class KVCOMM(ReusePolicy):
 
     def build(self, engine: Engine, pieces: list[Piece], agent: str) -> Built:
         self.calls += 1
+        pieces, tail = self._split(pieces)
+        if not pieces:  # no shared segment long enough to reuse (or no tokens): a plain prefill
+            if not tail:
+                return Built(engine.empty_cache(), 0, 0)
+            return Built(engine.prefill(torch.cat([p.ids for p in tail])), 0, tail[-1].end, dense=True)
         bases: dict[int, SegmentKV] = {}
         plans: dict[int, tuple[str, list[Anchor]]] = {}  # piece -> (exact | blend | new, anchors)
         dense = agent not in self.templates
@@ -137,7 +156,7 @@ class KVCOMM(ReusePolicy):
             plans[i] = self._plan(engine, piece, bases[i], agent)
             dense = dense or plans[i][0] == "new"
         if dense:
-            return self._dense(engine, pieces, agent, bases, plans)
+            return self._dense(engine, pieces + tail, agent, bases, plans)
         self.reused_calls += 1
         cache = engine.empty_cache()
         template = self.templates[agent]
@@ -153,8 +172,20 @@ class KVCOMM(ReusePolicy):
                     delta = self._prefix_delta(bases[i - 1], anchors, agent, exact=kind == "exact")
                     kv = _add(kv, delta) if delta is not None else kv
             engine.append(cache, kv, piece.start)
-        n = pieces[-1].end if pieces else 0
-        return Built(cache, n, 0, details={"anchors": {s: len(p) for s, p in self.pools.items()}})
+        n = pieces[-1].end
+        if tail:
+            engine.forward(torch.cat([p.ids for p in tail]), n, cache)
+        recomputed = tail[-1].end - n if tail else 0
+        return Built(cache, n, recomputed, details={"anchors": {s: len(p) for s, p in self.pools.items()}})
+
+    def _split(self, pieces: list[Piece]) -> tuple[list[Piece], list[Piece]]:
+        """(assembled head, computed tail): the tail follows the last shared piece of at least
+        ``recompute_tail`` tokens (no tail when ``recompute_tail`` is 0)."""
+        if not self.config.recompute_tail:
+            return pieces, []
+        long = [i for i, p in enumerate(pieces) if p.shared and p.ids.numel() >= self.config.recompute_tail]
+        cut = long[-1] + 1 if long else 0
+        return pieces[:cut], pieces[cut:]
 
     def _plan(self, engine: Engine, piece: Piece, base: SegmentKV, agent: str) -> tuple[str, list[Anchor]]:
         pool = self.anchors(piece.slot)
@@ -251,7 +282,7 @@ class KVCOMM(ReusePolicy):
             template = {i: engine.rows(cache, p.start, p.end) for i, p in enumerate(pieces) if not p.shared}
             self.templates[agent] = template
         for i, piece in enumerate(pieces):
-            if not piece.shared:
+            if i not in plans:  # own text, or shared text in a recomputed tail
                 continue
             kind, anchors = plans[i]
             if kind == "blend":
