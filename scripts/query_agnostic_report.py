@@ -75,12 +75,22 @@ TARGETS = {
 REPEAT_SAMPLES = 3
 BUDGETS = (0.1, 0.25)
 STAGES = ("query_agnostic", "kvpress", "query_aware")
-ROWS = {"query_agnostic": ("kvzip", "kvzap"), "query_aware": ("kvzip", "kvzap", "snapkv")}
+# query-aware also runs kvzip with a recent window at 0.1, where a replay scores the question like any context
+# and evicts it
+ROWS = {
+    "query_agnostic": (MethodSpec("kvzip"), MethodSpec("kvzap")),
+    "query_aware": (
+        MethodSpec("kvzip"),
+        MethodSpec("kvzip", {"window": 16}, budgets=(0.1,)),
+        MethodSpec("kvzap"),
+        MethodSpec("snapkv"),
+    ),
+}
 
 
 def config(setting: str, target: Target) -> BenchConfig:
     return BenchConfig(
-        methods=[MethodSpec(name) for name in ROWS[setting]],
+        methods=list(ROWS[setting]),
         budgets=list(BUDGETS),
         tasks=sorted(TASKS),
         lengths=[target.length],
@@ -173,7 +183,10 @@ def main() -> None:
     )
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)}")
     parser.add_argument("--model", default="qwen2.5-coder-0.5b", choices=sorted(TARGETS))
-    parser.add_argument("--methods", help="run only these of the stage's rows now (comma list; default: all)")
+    parser.add_argument(
+        "--methods",
+        help="run only these of the stage's rows now, by label (`kvzip(window=16)`; comma list; default: all)",
+    )
     args = parser.parse_args()
     stages = [s for s in args.stages.split(",") if s]
     target = TARGETS[args.model]
@@ -183,7 +196,7 @@ def main() -> None:
             rows = config(setting, target)
             if args.methods:  # run only these now; the tables still show every row on disk
                 chosen = set(args.methods.split(","))
-                rows = dataclasses.replace(rows, methods=[m for m in rows.methods if m.name in chosen])
+                rows = dataclasses.replace(rows, methods=[m for m in rows.methods if m.label in chosen])
             run_bench(model, tokenizer, rows, records_folder(target, setting), model_name=args.model)
     if "kvpress" in stages:  # in kvpress's venv, float32; our model only tokenizes
         from kvsqueeze.bench.baseline import run_kvpress_baseline
