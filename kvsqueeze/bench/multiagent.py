@@ -138,9 +138,8 @@ def run_multiagent(
 ) -> dict:
     """Run every policy (a name, or a fresh :class:`ReusePolicy` reported by its ``name``) over ``queries``
     with ``num_agents`` agents; returns per-call records and, per policy, the summary figures (see the module
-    doc). ``header``: what stored segments are computed
-    after (``KVReuse``'s; default its BOS token). An agent's answer, as later agents read it, is its
-    first line up to the end of its first sentence."""
+    doc). ``header``: what stored segments are computed after (``KVReuse``'s; default its BOS token). An
+    agent's answer, as later agents read it, is its first line up to the end of its first sentence."""
     if num_agents > len(ROLES):
         raise ValueError(f"at most {len(ROLES)} agents (one role each), got {num_agents}")
     indexed = SegmentStore(2**34)

@@ -5,9 +5,9 @@ per-channel minimum and maximum of its keys; at every one-token decode step each
 ``sum_i max(q_i M_i, q_i m_i)`` (an upper bound of ``q . k`` in the page; GQA: summed over the group) and
 attends to the rows of the best ``max(3, budget // 16)`` pages only, the first page (attention sinks) and
 the newest page (the current token) always among them (``group="max"``: a page scores its best query
-head's bound relative to that head's best page instead, see :mod:`kvsqueeze.actions.select`). Spec B §4.1; defaults from the official code
-(mit-han-lab/Quest): page size 16, at least 3 pages, the prompt and the first ``dense_layers = 2`` layers
-dense. A call of several tokens after the prompt (a question, a chunk) attends densely too, as Quest's
+head's bound relative to that head's best page instead, see :mod:`kvsqueeze.actions.select`). Spec B
+§4.1; defaults from the official code (mit-han-lab/Quest): page size 16, at least 3 pages, the prompt and
+the first ``dense_layers = 2`` layers dense. A call of several tokens after the prompt (a question, a chunk) attends densely too, as Quest's
 prefill does; sliding-window layers (Gemma 3) attend densely to their window.
 
 The budget is the tokens each step attends to: a ratio of the prompt or a token count (the cache's
