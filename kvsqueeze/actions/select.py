@@ -245,9 +245,7 @@ class Select:
         scores = scores.masked_fill(slot >= newest[:, None], float("-inf"))  # the newest and past it
         scores[:, 0] = float("-inf")  # the sinks' page: always in, first
         k = max(0, int(count.max()) - 2)
-        # best first; ties (every head's best page scores 0 with group="max") go to the oldest page, so a
-        # sequence picks the same pages in a padded batch as alone
-        middle = scores.sort(dim=-1, descending=True, stable=True).indices[:, :k]  # (S, k)
+        middle = scores.topk(k, dim=-1).indices  # (S, k) best first
         taken = torch.arange(k, device=query.device)[None, :] < (count - 2)[:, None]  # (S, k)
         if self.coarse > 1:
             taken &= scores.gather(1, middle) > float("-inf")  # never an ineligible page
@@ -270,7 +268,11 @@ class Select:
                 per_head = torch.einsum("spd,sgd->sgp", representative, q)
             exists = torch.arange(per_head.shape[-1], device=q.device) < stored[:, None, None]  # (S, 1, P)
             best = per_head.masked_fill(~exists, float("-inf")).amax(dim=-1, keepdim=True)  # (S, g, 1)
-            return (per_head - best).amax(dim=1)
+            relative = (per_head - best).amax(dim=1)  # (S, P): at most 0 on stored pages
+            # every head's best page scores exactly 0; these ties go to the oldest page (a positive rank
+            # falling with the index), so a sequence picks the same pages in a padded batch as alone
+            rank = torch.arange(relative.shape[-1], 0, -1, device=q.device, dtype=relative.dtype)
+            return torch.where(relative == 0, rank, relative)
         if self.score == "bound":
             positive, negative = q.clamp(min=0).sum(1), q.clamp(max=0).sum(1)  # (S, D)
             return _matvec(kmax, positive) + _matvec(kmin, negative)
