@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvsqueeze.reuse.base import Built, ReusePolicy
+from kvsqueeze.reuse.base import Built, FullRecompute, ReusePolicy
 from kvsqueeze.reuse.engine import Engine
 from kvsqueeze.reuse.segments import Piece
 from kvsqueeze.reuse.store import SegmentKV, token_key
@@ -141,38 +141,36 @@ class KVCOMM(ReusePolicy):
 
     def build(self, engine: Engine, pieces: list[Piece], agent: str) -> Built:
         self.calls += 1
-        pieces, tail = self._split(pieces)
-        if not pieces:  # no shared segment long enough to reuse (or no tokens): a plain prefill
-            if not tail:
-                return Built(engine.empty_cache(), 0, 0)
-            return Built(engine.prefill(torch.cat([p.ids for p in tail])), 0, tail[-1].end, dense=True)
+        head, tail = self._split(pieces)
+        if not head:  # no shared segment long enough to reuse (or no tokens): a plain prefill
+            return FullRecompute().build(engine, tail, agent)
         bases: dict[int, SegmentKV] = {}
         plans: dict[int, tuple[str, list[Anchor]]] = {}  # piece -> (exact | blend | new, anchors)
         dense = agent not in self.templates
-        for i, piece in enumerate(pieces):
+        for i, piece in enumerate(head):
             if not piece.shared:
                 continue
             bases[i], _ = engine.base_kv(piece.ids)
             plans[i] = self._plan(engine, piece, bases[i], agent)
             dense = dense or plans[i][0] == "new"
         if dense:
-            return self._dense(engine, pieces + tail, agent, bases, plans)
+            return self._dense(engine, pieces, agent, bases, plans)
         self.reused_calls += 1
         cache = engine.empty_cache()
         template = self.templates[agent]
-        for i, piece in enumerate(pieces):
+        for i, piece in enumerate(head):
             if piece.shared:
                 kind, anchors = plans[i]
                 delta = self._placeholder_delta(bases[i], anchors, agent, exact=kind == "exact")
                 kv = _add(bases[i], delta)
             else:
                 kv = template[i]
-                if i > 0 and pieces[i - 1].shared:
+                if i > 0 and head[i - 1].shared:
                     kind, anchors = plans[i - 1]
                     delta = self._prefix_delta(bases[i - 1], anchors, agent, exact=kind == "exact")
                     kv = _add(kv, delta) if delta is not None else kv
             engine.append(cache, kv, piece.start)
-        n = pieces[-1].end
+        n = head[-1].end
         if tail:
             engine.forward(torch.cat([p.ids for p in tail]), n, cache)
         recomputed = tail[-1].end - n if tail else 0
