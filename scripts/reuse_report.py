@@ -12,6 +12,7 @@ Prefill times are ratios to full recompute measured in the same run (one torch t
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 import kvsqueeze
 from kvsqueeze.bench.multiagent import make_queries, run_multiagent
 from kvsqueeze.bench.report import replace_block
+from kvsqueeze.cli.params import parse_assignment
 from kvsqueeze.reuse import ReusePolicy, get_policy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,14 +51,20 @@ def table(summary: dict[str, dict]) -> str:
 def body_of(args: argparse.Namespace, result: dict, doc_tokens: list[int], out: Path, wall: float) -> str:
     """The RESULTS block of one run."""
     summary = result["summary"]
-    policies = getattr(args, "policies", "full,plain,cacheblend,kvcomm")  # runs before --policies had these
     prompt_tokens = [r["tokens"] for r in result["records"] if r["policy"] == "full"]
     command = (
         f".venv/bin/python scripts/reuse_report.py --write --model {args.model} --queries {args.queries} "
         f"--agents {args.agents} --doc-words {args.doc_words} --doc-tokens {args.doc_tokens} --seed {args.seed}"
         + ("" if args.header == SYSTEM_HEADER else f" --header {args.header!r}")
-        + ("" if policies == ",".join(POLICIES) else f" --policies {policies}")
+        + ("" if args.policies == ",".join(POLICIES) else f" --policies {args.policies}")
     )
+    extension = [
+        "`kvcomm(recompute_tail=N)` is KVCOMM up to the document (the prompt's last shared segment of at least N "
+        "tokens), with the question, the earlier answers and the agent's closing text after it computed over "
+        "it: kvsqueeze's extension; `kvcomm` is the paper's, which computes only the prompt's last token."
+    ]
+    if not any(policy.startswith("kvcomm(recompute_tail=") for policy in summary):
+        extension = []
     return "\n".join(
         [
             f"Multi-agent retrieval QA, model `{args.model}` (fp32, {args.threads} torch thread), {args.agents} "
@@ -67,14 +75,7 @@ def body_of(args: argparse.Namespace, result: dict, doc_tokens: list[int], out: 
             f"`{out.relative_to(ROOT)}`).",
             f"Stored segments are computed after the header {json.dumps(args.header)} (then dropped); an agent's "
             "answer, as later agents read it, is its first sentence.",
-            *[
-                f"`{policy}` is KVCOMM up to the document (the prompt's last shared segment of at least "
-                f"{policy.split('=')[1].rstrip(')')} tokens), with the question, the earlier answers and the "
-                "agent's closing text after it computed over it: kvsqueeze's extension; `kvcomm` is the "
-                "paper's, which computes only the prompt's last token."
-                for policy in summary
-                if policy.startswith("kvcomm(recompute_tail=")
-            ],
+            *extension,
             "",
             table(summary),
             "",
@@ -132,12 +133,9 @@ def targets(records: list[dict], summary: dict[str, dict]) -> list[str]:
 
 
 def policy_of(text: str) -> ReusePolicy:
-    """A policy from ``NAME`` or ``NAME:PARAM=VALUE:...`` (values are numbers)."""
+    """A policy from ``NAME`` or ``NAME:PARAM=VALUE:...`` (values are Python literals: 64, 0.3)."""
     name, *params = text.split(":")
-    values = {}
-    for param in params:
-        key, _, value = param.partition("=")
-        values[key] = float(value) if "." in value else int(value)
+    values = {key: ast.literal_eval(value) for key, value in map(parse_assignment, params)}
     return get_policy(name, **values)
 
 
