@@ -26,8 +26,16 @@ from kvsqueeze.cli.params import parse_assignment
 from kvsqueeze.reuse import ReusePolicy, get_policy
 
 ROOT = Path(__file__).resolve().parent.parent
-# what the published runs compare: the paper's KVCOMM and KVCOMM with the tail after the document recomputed
-POLICIES = ("full", "plain", "cacheblend", "kvcomm", "kvcomm:recompute_tail=64")
+# what the published runs compare: the papers' policies, and plain reuse and KVCOMM with the tail after the
+# document recomputed
+POLICIES = (
+    "full",
+    "plain",
+    "plain:recompute_tail=64",
+    "cacheblend",
+    "kvcomm",
+    "kvcomm:recompute_tail=64",
+)
 # a generic system turn and the opening of a user turn: stored segments are computed in the context they are
 # used in (spec B §3.1: "after the same BOS/system prefix, then dropped"); each agent's own system text differs
 SYSTEM_HEADER = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
@@ -59,11 +67,13 @@ def body_of(args: argparse.Namespace, result: dict, doc_tokens: list[int], out: 
         + ("" if args.policies == ",".join(POLICIES) else f" --policies {args.policies}")
     )
     extension = [
-        "`kvcomm(recompute_tail=N)` is KVCOMM up to the document (the prompt's last shared segment of at least N "
-        "tokens), with the question, the earlier answers and the agent's closing text after it computed over "
-        "it: kvsqueeze's extension; `kvcomm` is the paper's, which computes only the prompt's last token."
+        "`plain(recompute_tail=N)` and `kvcomm(recompute_tail=N)` reuse the prompt up to the document (its last "
+        "shared segment of at least N tokens; plain by RoPE shift alone, KVCOMM with its offsets) and compute the "
+        "question, the earlier answers and the agent's closing text over it: kvsqueeze's extension. `plain` and "
+        "`kvcomm` are the papers': they reuse the question and the answers too (KVCOMM computes only the "
+        "prompt's last token)."
     ]
-    if not any(policy.startswith("kvcomm(recompute_tail=") for policy in summary):
+    if not any("(recompute_tail=" in policy for policy in summary):
         extension = []
     return "\n".join(
         [

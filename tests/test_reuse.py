@@ -148,6 +148,38 @@ def test_kvcomm_recompute_tail_computes_after_the_last_long_segment():
     _one_line_error(lambda: KVReuse(model, tok, "kvcomm", recompute_tail=-1))
 
 
+def test_plain_recompute_tail_computes_after_the_last_long_segment():
+    """plain(recompute_tail=N) reuses the document and computes what follows it, a shared question
+    included, over it: with the document stored after the prompt's own prefix the cache is exactly the
+    full one (reusing the question too is not). A prompt with no segment that long is a dense prefill."""
+    model = _model("qwen2")
+    tok = tiny_tokenizer()
+    prefix = "Agent A.\n"
+    segments = [
+        Segment(prefix),
+        Segment(DOC, shared=True),
+        Segment("\nQ: "),
+        Segment("what is the code?", shared=True),
+        Segment(" Reply."),
+    ]
+    store = SegmentStore()
+    full = KVReuse(model, tok, "full", store=store, header=prefix).prepare(segments)
+    reuse = KVReuse(model, tok, "plain", store=store, header=prefix, recompute_tail=64)
+    assert reuse.policy.name == "plain(recompute_tail=64)"
+    tailed = reuse.prepare(segments)
+    every = KVReuse(model, tok, "plain", store=store, header=prefix).prepare(segments)
+    assert not tailed.dense
+    assert tailed.reused_tokens == len(tok(DOC, add_special_tokens=False)["input_ids"])
+    assert tailed.reused_tokens + tailed.recomputed_tokens == tailed.num_tokens
+    assert every.reused_tokens > tailed.reused_tokens  # the question came from the store
+    for layer in range(3):
+        torch.testing.assert_close(_keys(tailed.cache, layer), _keys(full.cache, layer), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(_keys(every.cache, 2), _keys(full.cache, 2), atol=1e-3)
+    short = reuse.prepare([Segment(prefix), Segment("tiny", shared=True), Segment(" Reply.")])
+    assert short.dense and short.reused_tokens == 0
+    _one_line_error(lambda: KVReuse(model, tok, "plain", recompute_tail=-1))
+
+
 def test_kvcomm_entropy_test_reuses_close_content():
     """With two anchors of the slot, content close to one of them (low entropy) is reused, not prefilled;
     content as far from both (high entropy) becomes a third anchor."""

@@ -45,7 +45,8 @@ class KVReuse:
         store: the segment store (default: 1 GiB, unquantized); share one between instances to share KV.
         header: text every stored segment is computed after and that is then dropped, so its first tokens
             do not become an attention sink (default: the tokenizer's BOS token, else its EOS token).
-        **params: the policy's parameters (``ratio=0.16`` for CacheBlend, ``gamma=0.3`` for KVCOMM, ...).
+        **params: the policy's parameters (``ratio=0.16`` for CacheBlend, ``gamma=0.3`` for KVCOMM,
+            ``recompute_tail=64`` for plain reuse and KVCOMM, ...).
     """
 
     def __init__(

@@ -43,7 +43,7 @@ import torch
 
 from kvsqueeze.reuse.base import Built, FullRecompute, ReusePolicy
 from kvsqueeze.reuse.engine import Engine
-from kvsqueeze.reuse.segments import Piece
+from kvsqueeze.reuse.segments import Piece, split_tail
 from kvsqueeze.reuse.store import SegmentKV, token_key
 
 ENTROPY_EPS = 1e-40
@@ -141,7 +141,7 @@ class KVCOMM(ReusePolicy):
 
     def build(self, engine: Engine, pieces: list[Piece], agent: str) -> Built:
         self.calls += 1
-        head, tail = self._split(pieces)
+        head, tail = split_tail(pieces, self.config.recompute_tail)
         if not head:  # no shared segment long enough to reuse (or no tokens): a plain prefill
             return FullRecompute().build(engine, tail, agent)
         bases: dict[int, SegmentKV] = {}
@@ -175,15 +175,6 @@ class KVCOMM(ReusePolicy):
             engine.forward(torch.cat([p.ids for p in tail]), n, cache)
         recomputed = tail[-1].end - n if tail else 0
         return Built(cache, n, recomputed, details={"anchors": {s: len(p) for s, p in self.pools.items()}})
-
-    def _split(self, pieces: list[Piece]) -> tuple[list[Piece], list[Piece]]:
-        """(assembled head, computed tail): the tail follows the last shared piece of at least
-        ``recompute_tail`` tokens (no tail when ``recompute_tail`` is 0)."""
-        if not self.config.recompute_tail:
-            return pieces, []
-        long = [i for i, p in enumerate(pieces) if p.shared and p.ids.numel() >= self.config.recompute_tail]
-        cut = long[-1] + 1 if long else 0
-        return pieces[:cut], pieces[cut:]
 
     def _plan(self, engine: Engine, piece: Piece, base: SegmentKV, agent: str) -> tuple[str, list[Anchor]]:
         pool = self.anchors(piece.slot)

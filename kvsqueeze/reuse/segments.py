@@ -55,6 +55,17 @@ class Piece:
         return self.start + self.ids.numel()
 
 
+def split_tail(pieces: list[Piece], min_tokens: int) -> tuple[list[Piece], list[Piece]]:
+    """(head, tail) of a prompt's pieces: the head ends with its last shared piece of at least ``min_tokens``
+    tokens (a document), the tail is everything after it (a question, short answers, closing text). ``0``
+    keeps every piece in the head; with no piece that long, everything is tail."""
+    if not min_tokens:
+        return pieces, []
+    long = [i for i, p in enumerate(pieces) if p.shared and p.ids.numel() >= min_tokens]
+    cut = long[-1] + 1 if long else 0
+    return pieces[:cut], pieces[cut:]
+
+
 @dataclass
 class ReusedPrompt:
     """A prompt prepared for generation: its ids and a cache of all but its last token.
