@@ -37,7 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = "qwen2.5-coder-0.5b"
 LENGTH = 4096
 BUDGETS = (0.1, 0.25)
-SELECTING = ("quest", "mpcache")
+SELECTING = (MethodSpec("quest"), MethodSpec("quest", {"group": "max"}), MethodSpec("mpcache"))
+SELECTING_LABELS = tuple(spec.label for spec in SELECTING)
 REPEATS = ROOT / "docs" / "bench" / "repeats"  # full, kvzip, kvzap (3 samples) and quest, mpcache
 GRID = ROOT / "docs" / "bench"  # the published grid: eviction methods, sample 0
 EVICTION = ("snapkv", "pyramidkv", "h2o", "knorm", "streaming_llm", "random")
@@ -45,9 +46,9 @@ QUERY_AGNOSTIC = ("kvzip", "kvzap")
 COMMAND = ".venv/bin/python scripts/selection_report.py --samples {samples} --write"
 
 
-def config(methods: tuple[str, ...], samples: int) -> BenchConfig:
+def config(methods: tuple[MethodSpec | str, ...], samples: int) -> BenchConfig:
     return BenchConfig(
-        methods=[MethodSpec(name) for name in methods],
+        methods=[m if isinstance(m, MethodSpec) else MethodSpec(m) for m in methods],
         budgets=list(BUDGETS),
         tasks=sorted(TASKS),
         lengths=[LENGTH],
@@ -82,14 +83,15 @@ def gathered(samples: int) -> list[dict]:
 
 
 def selection_lines(records: list[dict]) -> list[str]:
-    """Quest and MPCache against the full cache, per budget: average score difference and stored bytes."""
+    """Quest and MPCache against the full cache, per budget: average score difference and stored bytes,
+    each row against the full cache on the samples that row holds."""
     full = {r["task"]: r for r in records if r["method"] == "full"}
     lines = [
-        "| method | budget (attended per step) | avg score | full on the same tasks | difference (points) "
-        "| bytes / full | KL | top-1 |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| method | budget (attended per step) | samples per task | avg score | full on the same samples "
+        "| difference (points) | bytes / full | KL | top-1 |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for method in SELECTING:
+    for method in SELECTING_LABELS:
         for budget in BUDGETS:
             rows = [
                 r for r in records if r["method"] == method and r["budget"] == budget and r["task"] in full
@@ -97,11 +99,13 @@ def selection_lines(records: list[dict]) -> list[str]:
             if not rows:
                 continue
             ours = mean_of(r["score"] for r in rows)
-            theirs = mean_of(full[r["task"]]["score"] for r in rows)
+            theirs = mean_of(cut(full[r["task"]], r["num_samples"])["score"] for r in rows)
             share = mean_of(r["cache_bytes"] / r["full_cache_bytes"] for r in rows)
+            counts = "/".join(map(str, sorted({int(r["num_samples"]) for r in rows})))
             lines.append(
-                f"| {method} | {budget:g} | {100 * ours:.1f} | {100 * theirs:.1f} | {100 * (ours - theirs):+.1f} "
-                f"| {share:.3f} | {mean_of(r['kl'] for r in rows):.3f} | {mean_of(r['top1'] for r in rows):.2f} |"
+                f"| {method} | {budget:g} | {counts} | {100 * ours:.1f} | {100 * theirs:.1f} "
+                f"| {100 * (ours - theirs):+.1f} | {share:.3f} | {mean_of(r['kl'] for r in rows):.3f} "
+                f"| {mean_of(r['top1'] for r in rows):.2f} |"
             )
     return lines
 
@@ -114,6 +118,11 @@ def main() -> None:
     parser.add_argument(
         "--stages", default="run", help="'run' to run quest and mpcache first, '' to only report"
     )
+    parser.add_argument(
+        "--methods",
+        default="",
+        help="run only these rows now, by label (e.g. 'quest(group=max)'); all by default",
+    )
     parser.add_argument("--samples", type=int, default=1, help="samples per task (records resume)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args()
@@ -122,25 +131,36 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         model, tokenizer = kvsqueeze.load_model(MODEL)
-        run_bench(model, tokenizer, config(SELECTING, args.samples), REPEATS, model_name=MODEL)
+        chosen = set(args.methods.split(",")) if args.methods else set(SELECTING_LABELS)
+        unknown = chosen - set(SELECTING_LABELS)
+        if unknown:
+            raise SystemExit(
+                f"--methods: unknown row(s) {sorted(unknown)}; rows are {list(SELECTING_LABELS)}"
+            )
+        rows = tuple(spec for spec in SELECTING if spec.label in chosen)
+        run_bench(model, tokenizer, config(rows, args.samples), REPEATS, model_name=MODEL)
     records = gathered(args.samples)
-    counts = sorted({int(r["num_samples"]) for r in records if r["method"] in SELECTING})
-    tasks = sorted({r["task"] for r in records if r["method"] in SELECTING})
+    counts = sorted({int(r["num_samples"]) for r in records if r["method"] in SELECTING_LABELS})
+    tasks = sorted({r["task"] for r in records if r["method"] in SELECTING_LABELS})
+    command = COMMAND.format(samples=args.samples) + (f" --methods '{args.methods}'" if args.methods else "")
     lines = [
         f"Model `{MODEL}` (fp32, {args.threads} CPU thread), {LENGTH}-token contexts, query-agnostic (the "
-        f"question after compression), seed 0, `pydocs` haystack. Command: "
-        f"`{COMMAND.format(samples=args.samples)}` (resumable). quest and mpcache rows hold "
-        f"{', '.join(map(str, counts)) or 'no'} sample(s) per task on {len(tasks)} of {len(TASKS)} tasks; every "
-        f"row below is read on its first {args.samples} sample(s) (the eviction rows and kvpress's hold "
-        "sample 0 only). A budget r is `ceil(r * prompt)` tokens: what an eviction method keeps, and what a "
-        "selecting method's decode step attends to (quest stores every row plus its page bounds, mpcache the "
-        "half of the prompt its static eviction keeps plus its bounds: see bytes / full). Both attend densely "
-        "to the question (a multi-token call) and select at each generated token; KL and top-1 come from "
-        "teacher-forcing the full cache's continuation token by token.",
+        f"question after compression), seed 0, `pydocs` haystack. Command: `{command}` (resumable; "
+        f"`{COMMAND.format(samples=1)}` ran the rows that hold 1 sample). The selecting rows hold "
+        f"{', '.join(map(str, counts)) or 'no'} sample(s) per task on {len(tasks)} of {len(TASKS)} tasks. "
+        f"The first table reads each row on the samples it holds (up to {args.samples}) against the full cache "
+        "on the same samples; the task table reads every row on sample 0 (the eviction rows and kvpress's hold "
+        "only it); the last table pairs them sample by sample. A budget r is `ceil(r * prompt)` tokens: what an "
+        "eviction method keeps, and what a selecting method's decode step attends to (quest stores every row "
+        "plus its page bounds, mpcache the half of the prompt its static eviction keeps plus its bounds: see "
+        "bytes / full). Both attend densely to the question (a multi-token call) and select at each generated "
+        "token; KL and top-1 come from teacher-forcing the full cache's continuation token by token. "
+        "`quest(group=max)` scores a page for a KV head by its best query head's bound, relative to that "
+        "head's best page, instead of the sum over the group.",
         "",
         *selection_lines(records),
         "",
-        markdown_table(records, "query_agnostic"),
+        markdown_table(gathered(1), "query_agnostic"),
         "",
         "Sample by sample against the full cache (same samples):",
         "",
