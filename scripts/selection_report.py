@@ -37,7 +37,12 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = "qwen2.5-coder-0.5b"
 LENGTH = 4096
 BUDGETS = (0.1, 0.25)
-SELECTING = (MethodSpec("quest"), MethodSpec("quest", {"group": "max"}), MethodSpec("mpcache"))
+SELECTING = (
+    MethodSpec("quest"),
+    MethodSpec("quest", {"group": "max"}),
+    MethodSpec("quest", {"page_size": 4}, budgets=(0.25,)),
+    MethodSpec("mpcache"),
+)
 SELECTING_LABELS = tuple(spec.label for spec in SELECTING)
 REPEATS = ROOT / "docs" / "bench" / "repeats"  # full, kvzip, kvzap (3 samples) and quest, mpcache
 GRID = ROOT / "docs" / "bench"  # the published grid: eviction methods, sample 0
@@ -156,7 +161,8 @@ def main() -> None:
         "bytes / full). Both attend densely to the question (a multi-token call) and select at each generated "
         "token; KL and top-1 come from teacher-forcing the full cache's continuation token by token. "
         "`quest(group=max)` scores a page for a KV head by its best query head's bound, relative to that "
-        "head's best page, instead of the sum over the group.",
+        "head's best page, instead of the sum over the group; `quest(page_size=4)` bounds pages of 4 tokens "
+        "instead of 16 (run at 0.25 only).",
         "",
         *selection_lines(records),
         "",

@@ -25,7 +25,9 @@ from pathlib import Path
 import torch
 
 from kvsqueeze.bench.report import replace_block
+from kvsqueeze.bench.runner import MethodSpec
 from kvsqueeze.cache import Budget, SqueezeLayer
+from kvsqueeze.cli.params import coerce_params, parse_assignment
 from kvsqueeze.methods import get_method
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,6 +64,12 @@ def prefilled(method: str, tokens: int, keys: torch.Tensor, values: torch.Tensor
     return layer
 
 
+def method_spec(text: str) -> MethodSpec:
+    """``quest`` or ``quest:page_size=4`` (the bench's ``--methods`` syntax) as a spec."""
+    name, *assignments = text.split(":")
+    return MethodSpec(name, coerce_params(name, dict(map(parse_assignment, assignments))))
+
+
 def measure(args: argparse.Namespace) -> list[dict]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -72,11 +80,13 @@ def measure(args: argparse.Namespace) -> list[dict]:
         keys = torch.randn(1, h_kv, context, d)
         values = torch.randn(1, h_kv, context, d)
         layers = {("full", 1.0): prefilled("full", context, keys, values)}
-        for method in args.methods:
-            extra = {"dense_layers": 0} if method == "quest" else {"static_keep": 1.0}
+        for spec in args.methods:
+            extra = {"dense_layers": 0} if spec.name == "quest" else {"static_keep": 1.0}
             for share in args.shares:
                 tokens = max(1, round(share * context))
-                layers[(method, share)] = prefilled(method, tokens, keys, values, **extra)
+                layers[(spec.label, share)] = prefilled(
+                    spec.name, tokens, keys, values, **spec.params, **extra
+                )
         del keys, values
         attend = {key: [] for key in layers}
         append = {key: [] for key in layers}
@@ -143,7 +153,12 @@ def main() -> None:
     parser.add_argument(
         "--shares", type=lambda s: [float(x) for x in s.split(",")], default=[0.05, 0.1, 0.25, 0.5]
     )
-    parser.add_argument("--methods", type=lambda s: s.split(","), default=["quest", "mpcache"])
+    parser.add_argument(
+        "--methods",
+        type=lambda s: [method_spec(m) for m in s.split(",")],
+        default=[method_spec(m) for m in ("quest", "quest:page_size=4", "mpcache")],
+        help="comma list of NAME or NAME:PARAM=VALUE (default: quest, quest:page_size=4, mpcache)",
+    )
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
