@@ -27,7 +27,6 @@ import torch
 from kvsqueeze.bench.report import replace_block
 from kvsqueeze.bench.runner import MethodSpec
 from kvsqueeze.cache import Budget, SqueezeLayer
-from kvsqueeze.cli.params import coerce_params, parse_assignment
 from kvsqueeze.methods import get_method
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,12 +61,6 @@ def prefilled(method: str, tokens: int, keys: torch.Tensor, values: torch.Tensor
         components.select.set_budget(layer.prompt_lengths, torch.tensor([tokens]))
         layer._refresh_selection()  # the page bounds a prefill leaves
     return layer
-
-
-def method_spec(text: str) -> MethodSpec:
-    """``quest`` or ``quest:page_size=4`` (the bench's ``--methods`` syntax) as a spec."""
-    name, *assignments = text.split(":")
-    return MethodSpec(name, coerce_params(name, dict(map(parse_assignment, assignments))))
 
 
 def measure(args: argparse.Namespace) -> list[dict]:
@@ -155,8 +148,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--methods",
-        type=lambda s: [method_spec(m) for m in s.split(",")],
-        default=[method_spec(m) for m in ("quest", "quest:page_size=4", "mpcache")],
+        type=lambda s: [MethodSpec.parse(m) for m in s.split(",")],
+        default=[MethodSpec.parse(m) for m in ("quest", "quest:page_size=4", "mpcache")],
         help="comma list of NAME or NAME:PARAM=VALUE (default: quest, quest:page_size=4, mpcache)",
     )
     parser.add_argument("--steps", type=int, default=60)

@@ -46,6 +46,16 @@ class MethodSpec:
     profile: str | None = None  # a layer profile JSON (``kvsqueeze profile``) replacing its layer budgets
     budgets: tuple[float, ...] | None = None  # keep ratios of this method only (None: the config's)
 
+    @classmethod
+    def parse(cls, text: str, profile: str | None = None) -> MethodSpec:
+        """``h2o`` or ``h2o:recent_share=0.3:window=16`` (the bench's ``--methods`` syntax), each value read
+        by the method's field type (a one-line ``ValueError`` for a malformed or mistyped one)."""
+        from kvsqueeze.cli.params import coerce_params, parse_assignment
+
+        name, *params = text.split(":")
+        raw = dict(parse_assignment(p) for p in params)
+        return cls(name.strip(), coerce_params(name, raw), profile=profile)
+
     @property
     def label(self) -> str:
         extra = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))

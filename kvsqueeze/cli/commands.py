@@ -171,17 +171,11 @@ def _split(text: str) -> list[str]:
 def _method_specs(text: str, profile: str | None = None):
     """``snapkv,h2o:recent_share=0.3,pyramidkv:window=16`` -> MethodSpecs; ``all``: every method."""
     from kvsqueeze.bench.runner import MethodSpec
-    from kvsqueeze.cli.params import coerce_params, parse_assignment
     from kvsqueeze.methods import METHODS
 
     if text.strip() == "all":
         return [MethodSpec(name, profile=profile) for name in sorted(METHODS)]
-    specs = []
-    for item in _split(text):
-        name, *params = item.split(":")
-        raw = dict(parse_assignment(p) for p in params)
-        specs.append(MethodSpec(name.strip(), coerce_params(name, raw), profile=profile))
-    return specs
+    return [MethodSpec.parse(item, profile) for item in _split(text)]
 
 
 GENERATED_SAMPLES = 5

@@ -3,18 +3,18 @@
 Every row stays. Rows are grouped in pages of ``page_size = 16`` consecutive tokens, each summarized by the
 per-channel minimum and maximum of its keys; at every one-token decode step each KV head scores its pages by
 ``sum_i max(q_i M_i, q_i m_i)`` (an upper bound of ``q . k`` in the page; GQA: summed over the group) and
-attends to the rows of the best ``max(3, budget // 16)`` pages only, the first page (attention sinks) and
-the newest page (the current token) always among them (``group="max"``: a page scores its best query
-head's bound relative to that head's best page instead, see :mod:`kvsqueeze.actions.select`). Spec B
-§4.1; defaults from the official code (mit-han-lab/Quest): page size 16, at least 3 pages, the prompt and
-the first ``dense_layers = 2`` layers dense. A call of several tokens after the prompt (a question, a chunk) attends densely too, as Quest's
-prefill does; sliding-window layers (Gemma 3) attend densely to their window.
+attends to the rows of the best ``max(3, budget // 16)`` pages only, the first page (attention sinks) and the
+newest page (the current token) always among them (``group="max"``: a page scores its best query head's bound
+relative to that head's best page instead, see :mod:`kvsqueeze.actions.select`). Spec B §4.1; defaults from
+the official code (mit-han-lab/Quest): page size 16, at least 3 pages, the prompt and the first
+``dense_layers = 2`` layers dense. A call of several tokens after the prompt (a question, a chunk) attends densely too, as
+Quest's prefill does; sliding-window layers (Gemma 3) attend densely to their window.
 
 Page size trades accuracy for speed. On the 4k suite (Qwen2.5-Coder-0.5B, query-agnostic, keep 0.25, 3 samples
 per task) 16-token pages score 11 points under the full cache, all of it on kv_retrieval (a uuid is copied
-right for 5 to 12 characters, then drifts) and common_words; ``page_size=4`` is 0.3 under, at KL 0.010
-against 0.187. Its bounds take half the keys' bytes (1.25x the full cache in all) and scoring four times as
-many pages costs attention time: 0.60x the full cache's per step at 16k tokens and 10%, against 0.39x with 16
+right for 5 to 12 characters, then drifts) and common_words; ``page_size=4`` is 0.3 under, at KL 0.010 against
+0.187. Its bounds take half the keys' bytes (1.25x the full cache in all) and scoring four times as many pages
+costs attention time: 0.60x the full cache's per step at 16k tokens and 10%, against 0.39x with 16
 (docs/RESULTS.md, blocks selection and selection_speed).
 
 The budget is the tokens each step attends to: a ratio of the prompt or a token count (the cache's

@@ -11,6 +11,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from kvsqueeze.quantization.rope import KeyRotation, key_rotations
 from kvsqueeze.reuse.rope_shift import rotate_keys
+from kvsqueeze.reuse.segments import Piece
 from kvsqueeze.reuse.store import SegmentKV, SegmentStore, token_key
 
 REUSE_ARCHITECTURES = ("llama", "qwen2", "mistral")
@@ -58,6 +59,14 @@ class Engine:
             input_ids=ids[None].to(self.model.device), position_ids=positions, cache=cache, use_cache=True
         )
         return out.logits[0, -1]
+
+    def forward_pieces(self, pieces: list[Piece], cache: DynamicCache) -> int:
+        """Run contiguous ``pieces`` in one forward at their own positions on top of ``cache`` (extended in
+        place); returns how many tokens ran."""
+        if not pieces:
+            return 0
+        self.forward(torch.cat([p.ids for p in pieces]), pieces[0].start, cache)
+        return pieces[-1].end - pieces[0].start
 
     def prefill(self, ids: torch.Tensor) -> DynamicCache:
         """A fresh cache holding ``ids`` (T,) at positions 0..T-1 (the full-recompute reference)."""

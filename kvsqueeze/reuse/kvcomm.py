@@ -170,11 +170,10 @@ class KVCOMM(ReusePolicy):
                     delta = self._prefix_delta(bases[i - 1], anchors, agent, exact=kind == "exact")
                     kv = _add(kv, delta) if delta is not None else kv
             engine.append(cache, kv, piece.start)
-        n = head[-1].end
-        if tail:
-            engine.forward(torch.cat([p.ids for p in tail]), n, cache)
-        recomputed = tail[-1].end - n if tail else 0
-        return Built(cache, n, recomputed, details={"anchors": {s: len(p) for s, p in self.pools.items()}})
+        recomputed = engine.forward_pieces(tail, cache)
+        return Built(
+            cache, head[-1].end, recomputed, details={"anchors": {s: len(p) for s, p in self.pools.items()}}
+        )
 
     def _plan(self, engine: Engine, piece: Piece, base: SegmentKV, agent: str) -> tuple[str, list[Anchor]]:
         pool = self.anchors(piece.slot)

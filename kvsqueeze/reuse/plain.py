@@ -13,8 +13,6 @@ document). ``0`` (the default) reuses every shared segment.
 
 from __future__ import annotations
 
-import torch
-
 from kvsqueeze.reuse.base import Built, ReusePolicy
 from kvsqueeze.reuse.engine import Engine
 from kvsqueeze.reuse.segments import Piece, split_tail
@@ -49,7 +47,5 @@ class PlainReuse(ReusePolicy):
             else:
                 engine.forward(piece.ids, piece.start, cache)
                 recomputed += piece.ids.numel()
-        if tail:  # one forward over the whole tail
-            engine.forward(torch.cat([p.ids for p in tail]), tail[0].start, cache)
-            recomputed += tail[-1].end - tail[0].start
+        recomputed += engine.forward_pieces(tail, cache)
         return Built(cache, reused, recomputed, dense=not head)
