@@ -66,19 +66,31 @@ def _reference_quest(
     return sorted({0, pages - 1, *middle[: count - 2]})
 
 
-def _reference_mpcache(
-    q: torch.Tensor, keys: torch.Tensor, length: int, budget: int, page: int, coarse: int, ratio: float
+def _reference_two_level(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    length: int,
+    budget: int,
+    page: int,
+    coarse: int,
+    ratio: float,
+    score: str = "linear",
 ) -> list[int]:
-    alpha = 0.6
+    """Clusters of ``coarse`` pages first (the first, the last and the best others), then the best of their
+    pages; ``score`` is MPCache's linear one (alpha 0.6) or Quest's bound."""
+
+    def rate(bounds: tuple[torch.Tensor, torch.Tensor]) -> float:
+        return _linear(q, *bounds, 0.6) if score == "linear" else _bound(q, *bounds)
+
     fine = _reference_bounds(keys, length, page)
     big = _reference_bounds(keys, length, page * coarse)
     pages, clusters = len(fine), len(big)
     count = pages if budget >= length else min(pages, max(3, budget // page))
     wanted = min(clusters, max(2, int(ratio * clusters), -(-count // coarse)))
-    middle = sorted(range(1, clusters - 1), key=lambda c: -_linear(q, *big[c], alpha))
+    middle = sorted(range(1, clusters - 1), key=lambda c: -rate(big[c]))
     chosen = {0, clusters - 1, *middle[: wanted - 2]}
     eligible = [p for p in range(1, pages - 1) if p // coarse in chosen]
-    eligible.sort(key=lambda p: -_linear(q, *fine[p], alpha))
+    eligible.sort(key=lambda p: -rate(fine[p]))
     return sorted({0, pages - 1, *eligible[: count - 2]})
 
 
@@ -115,9 +127,32 @@ def test_mpcache_pages_match_a_brute_force_reference(seed):
     groups = query[:, :, 0].reshape(4, 2, 8)
     budgets = [30, 30, 20, 20]
     expected = [
-        _reference_mpcache(groups[s], keys[s], lengths[s], budgets[s], PAGE, 2, 0.5) for s in range(4)
+        _reference_two_level(groups[s], keys[s], lengths[s], budgets[s], PAGE, 2, 0.5) for s in range(4)
     ]
     assert got == expected
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.6])
+@pytest.mark.parametrize("seed", range(3))
+def test_two_level_bound_pages_match_a_brute_force_reference(seed, ratio):
+    """Quest's bound over clusters of 4 pages first (a share ``ratio`` of them, never fewer than the budget
+    fills), then over the chosen clusters' pages; ragged segments, so the clusters past a short segment's
+    rows never count."""
+    lengths = [150, 150, 91, 91]
+    keys, positions, lengths_t = _rows(seed, lengths)
+    query = torch.randn(2, 6, 1, 8, generator=torch.Generator().manual_seed(300 + seed))  # g = 3
+    select = Select(page_size=PAGE, score="bound", coarse=4, coarse_ratio=ratio)
+    select.set_budget(torch.tensor([150, 91]), torch.tensor([24, 16]))
+    got = _chosen(select, query, keys, positions, lengths_t)
+    groups = query[:, :, 0].reshape(4, 3, 8)
+    budgets = [24, 24, 16, 16]
+    expected = [
+        _reference_two_level(groups[s], keys[s], lengths[s], budgets[s], PAGE, 4, ratio, "bound")
+        for s in range(4)
+    ]
+    assert got == expected
+    # the clusters' bounds are kept beside the pages' and counted with them
+    assert select.index.clusters is not None and select.nbytes() > select.index.clusters.nbytes() > 0
 
 
 def test_page_bounds_stay_current_as_rows_are_appended():
@@ -226,15 +261,19 @@ def test_bytes_are_every_row_plus_the_page_bounds():
             model(ids, cache=cache)
     h_kv = model.config.num_key_value_heads
 
-    def bounds(rows: int) -> int:  # min and max per page and channel, fp32, with the buffers' spare pages
-        pages = -(-rows // 16)
-        return 2 * h_kv * (pages + max(4, int(pages * PageIndex.GROWTH))) * 64 * 4
+    def bounds(rows: int, page: int = 16, per_cluster: int = 1) -> int:
+        """Min and max per page and channel, fp32, with spare pages (to whole clusters)."""
+        pages = -(-rows // page)
+        capacity = pages + max(4, int(pages * PageIndex.GROWTH))
+        return 2 * h_kv * -(-capacity // per_cluster) * per_cluster * 64 * 4
 
     assert quest.kv_nbytes() == full.kv_nbytes()  # nothing evicted
     # layers 2 and 3 select (the first two are dense)
     assert quest.nbytes() == full.nbytes() + 2 * bounds(600)
     assert mp.kv_nbytes() == full.kv_nbytes() // 2
-    assert mp.nbytes() == full.nbytes() // 2 + 4 * bounds(300)
+    assert mp.nbytes() == full.nbytes() // 2 + 4 * (
+        bounds(300, per_cluster=2) + bounds(300, page=32)
+    )  # and its clusters'
     assert 2 * bounds(600) / full.kv_nbytes() < 2 * (2 / 16) * 1.2 / 4  # about 2/16 of the keys' bytes
 
 

@@ -11,10 +11,12 @@ Two page scores (spec B, §4.1 and §2):
 
 * ``"bound"`` (Quest): ``sum_i max(q_i M_i, q_i m_i)``, an upper bound of ``q . k`` for any key of the page,
   computed as ``q+ . M + q- . m``;
-* ``"linear"`` (MPCache): ``q . (alpha M + (1 - alpha) m)``, one representative per page, and a hierarchy:
-  pairs of pages (MPCache's 32-token clusters over its 16-token ones) are scored first, the top
-  ``coarse_ratio`` of them (with the first and the last) make their pages eligible, and the pages are then
-  chosen among those.
+* ``"linear"`` (MPCache): ``q . (alpha M + (1 - alpha) m)``, one representative per page.
+
+Either score can run on two levels (``coarse > 1``; MPCache's 32-token clusters over its 16-token pages):
+clusters of ``coarse`` pages, whose bounds are kept beside the pages', are scored first; the best of them
+(a share ``coarse_ratio`` of all, never fewer than the budget fills), the first and the newest make their
+pages candidates, and only the candidates are scored and chosen from.
 
 GQA: every head of a group reads the same rows. By default (``group="sum"``) a KV head's page score is the
 sum of its query heads' scores (``q+`` and ``q-`` are summed over the group for the bound, ``q`` for the
@@ -25,7 +27,8 @@ by the others.
 The page summaries are kept up to date as rows are appended: only the pages from the oldest changed one on
 are recomputed (at a decode step, the newest page). Anything else that changes rows (an eviction, a merge,
 quantization) marks them stale and they are rebuilt. Their bytes are counted with the cache's
-(:meth:`Select.nbytes`): a selecting cache holds every row plus ``2 / page_size`` of its keys' bytes.
+(:meth:`Select.nbytes`): a selecting cache holds every row plus ``2 / page_size`` of its keys' bytes (and
+``2 / (page_size * coarse)`` more for the clusters' bounds).
 
 Plain PyTorch: no transformers import.
 """
@@ -52,27 +55,56 @@ class PageIndex:
     """
 
     page_size: int
+    clusters: PageIndex | None = None  # the same bounds over clusters of pages (a two-level choice), or None
     covered: torch.Tensor | None = None  # (S,) rows the bounds summarize
     last_position: torch.Tensor | None = None  # (S,) position of the last summarized row (-1: none)
     pages: int = 0  # pages of the longest segment
-    _low: torch.Tensor | None = None  # (S, capacity, D) buffer of per-channel minima
-    _high: torch.Tensor | None = None  # (S, capacity, D) buffer of per-channel maxima
+    _buffer: torch.Tensor | None = None  # (S, capacity, 2, D): per-channel maxima, then minima, of each page
 
     GROWTH = 1 / 16  # spare pages allocated when the buffers grow, as a share of the pages (at least 4)
 
     @property
     def kmin(self) -> torch.Tensor | None:
         """(S, P, D) per-channel minimum of each page's keys (0 for pages past a segment's rows)."""
-        return None if self._low is None else self._low[:, : self.pages]
+        return None if self._buffer is None else self._buffer[:, : self.pages, 1]
 
     @property
     def kmax(self) -> torch.Tensor | None:
         """(S, P, D) per-channel maximum of each page's keys."""
-        return None if self._high is None else self._high[:, : self.pages]
+        return None if self._buffer is None else self._buffer[:, : self.pages, 0]
+
+    @property
+    def bounds(self) -> torch.Tensor | None:
+        """(S, P, 2D) each page's maxima, then its minima: one row per page, so a score is one product."""
+        return None if self._buffer is None else self._buffer[:, : self.pages].flatten(2)
 
     def nbytes(self) -> int:
-        """Bytes of the stored bounds (the metadata selection adds to the rows it keeps)."""
-        return sum(t.numel() * t.element_size() for t in (self._low, self._high) if t is not None)
+        """Bytes of the stored bounds (the metadata selection adds to the rows it keeps), clusters' included."""
+        own = 0 if self._buffer is None else self._buffer.numel() * self._buffer.element_size()
+        return own + (self.clusters.nbytes() if self.clusters is not None else 0)
+
+    @property
+    def per_cluster(self) -> int:
+        """Pages per cluster (1 without clusters)."""
+        return 1 if self.clusters is None else self.clusters.page_size // self.page_size
+
+    def pages_of(self, clusters: torch.Tensor) -> torch.Tensor:
+        """The :attr:`bounds` (S, K * per_cluster, 2D) of every page of the given clusters (S, K) (each below
+        the buffer's capacity in clusters), page after page in the clusters' order.
+
+        A cluster's pages are adjacent in the buffer, so each is one contiguous block to copy.
+        """
+        s, capacity, _, d = self._buffer.shape
+        c = self.per_cluster
+        first = (capacity // c) * torch.arange(s, device=clusters.device)[:, None]  # (S, 1) segments' first
+        flat = (clusters + first).view(-1)  # (S * K,) clusters of c pages in the buffer seen as (S * C, c*2D)
+        return self._buffer.view(-1, c * 2 * d).index_select(0, flat).view(s, -1, 2 * d)
+
+    def invalidate(self) -> None:
+        """Forget what the bounds cover: the next :meth:`refresh` recomputes every page (and cluster)."""
+        self.covered = None
+        if self.clusters is not None:
+            self.clusters.invalidate()
 
     def is_current(self, positions: torch.Tensor, lengths: torch.Tensor) -> bool:
         """True when the summarized rows are still the first ``covered`` rows of every segment."""
@@ -92,6 +124,8 @@ class PageIndex:
 
         Pages before the oldest one that gained rows are kept as they are; the others are recomputed.
         """
+        if self.clusters is not None:
+            self.clusters.refresh(keys, positions, lengths)
         s, _, d = keys.shape
         size = self.page_size
         pages = max(1, -(-int(lengths.max()) // size)) if s else 1
@@ -110,19 +144,18 @@ class PageIndex:
         high = chunk.masked_fill(~valid, float("-inf")).amax(dim=2)
         empty = ~valid.any(dim=2)  # (S, n, 1): pages past a segment's end
         low, high = low.masked_fill(empty, 0), high.masked_fill(empty, 0)
-        fits = self._low is not None and self._low.shape[0] == s and self._low.shape[1] >= pages
-        if fits and self._low.is_inference() and not torch.is_inference_mode_enabled():
+        fits = self._buffer is not None and self._buffer.shape[0] == s and self._buffer.shape[1] >= pages
+        if fits and self._buffer.is_inference() and not torch.is_inference_mode_enabled():
             fits = False  # built under inference_mode (a prefill), updated outside it: copy once
         if not fits:
             capacity = pages + max(4, int(pages * self.GROWTH))
-            old_low, old_high = self._low, self._high
-            self._low = keys.new_zeros(s, capacity, d)
-            self._high = keys.new_zeros(s, capacity, d)
+            capacity = -(-capacity // self.per_cluster) * self.per_cluster  # whole clusters: see pages_of
+            old = self._buffer
+            self._buffer = keys.new_zeros(s, capacity, 2, d)
             if first > 0:
-                self._low[:, :first] = old_low[:, :first]
-                self._high[:, :first] = old_high[:, :first]
-        self._low[:, first:pages] = low
-        self._high[:, first:pages] = high
+                self._buffer[:, :first] = old[:, :first]
+        self._buffer[:, first:pages, 0] = high
+        self._buffer[:, first:pages, 1] = low
         self.pages = pages
         self.covered = lengths.clone()
         last = (lengths - 1).clamp(min=0)
@@ -189,7 +222,7 @@ class Select:
     def invalidate(self) -> None:
         """Rows changed other than by appending (eviction, merge, quantization): rebuild the bounds."""
         if self.index is not None:
-            self.index.covered = None
+            self.index.invalidate()
 
     def select_batch(self, indices: torch.Tensor) -> None:
         """Keep sequences ``indices``; the bounds are rebuilt at the next step."""
@@ -203,7 +236,8 @@ class Select:
     def refresh(self, keys: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor) -> PageIndex:
         """The page bounds of the stored rows (keys (S, T, D), positions (S, T), lengths (S,)), updated."""
         if self.index is None:
-            self.index = PageIndex(self.page_size)
+            clusters = PageIndex(self.page_size * self.coarse) if self.coarse > 1 else None
+            self.index = PageIndex(self.page_size, clusters=clusters)
         self.index.refresh(keys, positions, lengths)
         return self.index
 
@@ -230,76 +264,81 @@ class Select:
         """The pages each segment attends to: (S, K) page indices and (S, K) validity.
 
         Each row is the sinks' page, then the best other pages, then the newest page, so the newest page's
-        unfilled slots come last.
+        unfilled slots come last. With ``coarse > 1`` only the pages of the chosen clusters are scored
+        (:meth:`candidates`); otherwise every page is.
         """
         b, h, _, d = query.shape
         s = lengths.numel()
         num_kv_heads = s // b
         pages, count = counts if counts is not None else self.pages_per_segment(lengths, num_kv_heads)
         q = query.float().view(b, num_kv_heads, h // num_kv_heads, d).reshape(s, -1, d)  # (S, g, D)
-        scores = self.page_scores(q, index.kmin.float(), index.kmax.float(), pages)  # (S, P)
         newest = pages - 1  # (S,)
         if self.coarse > 1:
-            scores = scores.masked_fill(~self.eligible(q, index, pages, count), float("-inf"))
-        slot = torch.arange(scores.shape[1], device=query.device)[None, :]
-        scores = scores.masked_fill(slot >= newest[:, None], float("-inf"))  # the newest and past it
-        scores[:, 0] = float("-inf")  # the sinks' page: always in, first
+            clusters, page_of, exists = self.candidates(q, index.clusters, pages, count)  # (S, M) ascending
+            bounds = index.pages_of(clusters)  # (S, M, 2D)
+        else:
+            page_of = torch.arange(index.pages, device=query.device).expand(s, -1)  # (S, P)
+            exists = page_of < pages[:, None]
+            bounds = index.bounds  # (S, P, 2D)
+        scores = self.page_scores(q, bounds, exists)  # (S, M)
+        # the sinks' page goes first and the newest last, outside the ranking; so do pages past the rows
+        outside = ~exists | (page_of == 0) | (page_of >= newest[:, None])
+        scores = scores.masked_fill(outside, float("-inf"))
         k = max(0, int(count.max()) - 2)
-        middle = scores.topk(k, dim=-1).indices  # (S, k) best first
+        best = scores.topk(k, dim=-1).indices  # (S, k) best first
+        middle = page_of.gather(1, best)
         taken = torch.arange(k, device=query.device)[None, :] < (count - 2)[:, None]  # (S, k)
-        if self.coarse > 1:
-            taken &= scores.gather(1, middle) > float("-inf")  # never an ineligible page
+        taken &= scores.gather(1, best) > float("-inf")  # fewer candidates than wanted: never an outside one
         first = torch.zeros(s, 1, dtype=torch.long, device=query.device)
         chosen_pages = torch.cat([first, middle, newest[:, None]], dim=1)  # (S, k + 2)
         ok = torch.cat([torch.ones_like(first, dtype=torch.bool), taken, (newest > 0)[:, None]], dim=1)
         return chosen_pages, ok
 
-    def page_scores(
-        self, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, stored: torch.Tensor
-    ) -> torch.Tensor:
-        """(S, P) fp32 score of every page for the group's queries q (S, g, D), bounds (S, P, D); ``stored``
-        (S,) counts each segment's pages that hold rows (the others score as they may, never chosen)."""
-        if self.group == "max":
-            if self.score == "bound":
-                per_head = torch.einsum("spd,sgd->sgp", kmax, q.clamp(min=0))
-                per_head += torch.einsum("spd,sgd->sgp", kmin, q.clamp(max=0))  # (S, g, P)
-            else:
-                representative = self.alpha * kmax + (1 - self.alpha) * kmin  # (S, P, D)
-                per_head = torch.einsum("spd,sgd->sgp", representative, q)
-            exists = torch.arange(per_head.shape[-1], device=q.device) < stored[:, None, None]  # (S, 1, P)
-            best = per_head.masked_fill(~exists, float("-inf")).amax(dim=-1, keepdim=True)  # (S, g, 1)
-            relative = (per_head - best).amax(dim=1)  # (S, P): at most 0 on stored pages
-            # every head's best page scores exactly 0; these ties go to the oldest page (a positive rank
-            # falling with the index), so a sequence picks the same pages in a padded batch as alone
-            rank = torch.arange(relative.shape[-1], 0, -1, device=q.device, dtype=relative.dtype)
-            return torch.where(relative == 0, rank, relative)
-        if self.score == "bound":
-            positive, negative = q.clamp(min=0).sum(1), q.clamp(max=0).sum(1)  # (S, D)
-            return _matvec(kmax, positive) + _matvec(kmin, negative)
-        summed = q.sum(1)  # (S, D): q . rep summed over the group = (sum of q) . rep
-        return self.alpha * _matvec(kmax, summed) + (1 - self.alpha) * _matvec(kmin, summed)
+    def page_scores(self, q: torch.Tensor, bounds: torch.Tensor, exists: torch.Tensor) -> torch.Tensor:
+        """(S, P) fp32 score of every page for the group's queries q (S, g, D); ``bounds`` (S, P, 2D) are the
+        pages' maxima then minima (:attr:`PageIndex.bounds`), ``exists`` (S, P) marks the pages that hold
+        rows (the others score as they may, never chosen).
 
-    def eligible(
-        self, q: torch.Tensor, index: PageIndex, pages: torch.Tensor, count: torch.Tensor
-    ) -> torch.Tensor:
-        """(S, P) bool: pages inside the chosen coarse clusters (MPCache's first level).
-
-        A coarse cluster's bounds are its pages' (the minimum of their minima, the maximum of their
-        maxima). Only a segment's last coarse cluster can hold a page past its rows, and that cluster is
-        always chosen, so no bound needs masking; a trailing partial cluster is scored as forced.
+        Both scores are one product with the bounds: Quest's bound weighs the maxima by ``q+`` and the
+        minima by ``q-``, MPCache's by ``alpha q`` and ``(1 - alpha) q``.
         """
-        s, n, d = index.kmin.shape
+        if self.score == "bound":
+            weights = torch.cat([q.clamp(min=0), q.clamp(max=0)], dim=-1)  # (S, g, 2D)
+        else:
+            weights = torch.cat([self.alpha * q, (1 - self.alpha) * q], dim=-1)
+        bounds = bounds.float()
+        if self.group == "sum":
+            return _matvec(bounds, weights.sum(1))  # summed over the group: one vector per segment
+        per_head = torch.einsum("spe,sge->sgp", bounds, weights)  # (S, g, P)
+        best = per_head.masked_fill(~exists[:, None], float("-inf")).amax(dim=-1, keepdim=True)  # (S, g, 1)
+        relative = (per_head - best).amax(dim=1)  # (S, P): at most 0 on stored pages
+        # every head's best page scores exactly 0; these ties go to the oldest page (a positive rank falling
+        # with the slot; pages come in ascending order), so a sequence picks the same pages in a padded batch
+        # as alone
+        rank = torch.arange(relative.shape[-1], 0, -1, device=q.device, dtype=relative.dtype)
+        return torch.where(relative == 0, rank, relative)
+
+    def candidates(
+        self,
+        q: torch.Tensor,
+        clusters: PageIndex,
+        pages: torch.Tensor,
+        count: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The first level of a two-level choice (MPCache's coarse clusters): the best clusters of ``coarse``
+        pages (S, K1) in ascending order, their pages (S, M = K1 * coarse) and whether each holds rows (S, M).
+
+        A cluster is scored by the bounds of all its rows, the same score as a page's. The first and the
+        segment's last cluster are always chosen, then the best others: ``coarse_ratio`` of the clusters
+        (MPCache's rho_1), never fewer than the pages to attend fill. Only the chosen clusters' pages are
+        scored after this, so a step reads the bounds of every cluster and of the chosen pages, not of every
+        page.
+        """
         c = self.coarse
-        whole = n // c  # clusters of c stored page slots
-        clusters = -(-n // c)
-        low = index.kmin[:, : whole * c].view(s, whole, c, d).amin(2)  # (S, C', D) views, then reduced
-        high = index.kmax[:, : whole * c].view(s, whole, c, d).amax(2)
-        stored = (pages + c - 1) // c  # (S,) coarse clusters holding rows
-        scores = self.page_scores(q, low.float(), high.float(), stored)  # (S, C')
-        if clusters > whole:
-            scores = torch.cat([scores, scores.new_full((s, 1), float("inf"))], dim=1)  # (S, C)
-        slot = torch.arange(clusters, device=q.device)[None, :]
-        exists = slot < stored[:, None]
+        stored = (pages + c - 1) // c  # (S,) clusters holding rows
+        slot = torch.arange(clusters.pages, device=q.device)[None, :]
+        exists = slot < stored[:, None]  # (S, C)
+        scores = self.page_scores(q, clusters.bounds, exists)  # (S, C)
         forced = (slot == 0) | (slot == (stored - 1)[:, None])
         ranked = scores.masked_fill(forced, float("inf")).masked_fill(~exists, float("-inf"))
         # rho_1 of the clusters, and never fewer than the pages to attend need
@@ -307,10 +346,13 @@ class Select:
         wanted = torch.minimum(wanted.clamp(min=2), stored)  # (S,)
         k = int(wanted.max())
         top = ranked.topk(k, dim=-1).indices  # (S, K1)
-        take = torch.arange(k, device=q.device)[None, :] < wanted[:, None]
-        chosen = torch.zeros(s, clusters, dtype=torch.bool, device=q.device).scatter_(1, top, take)
-        page_exists = torch.arange(n, device=q.device)[None, :] < pages[:, None]  # (S, P)
-        return chosen.repeat_interleave(c, dim=1)[:, :n] & page_exists
+        taken = torch.arange(k, device=q.device)[None, :] < wanted[:, None]
+        top = top.masked_fill(~taken, clusters.pages).sort(dim=-1).values  # ascending, the untaken last
+        taken = top < clusters.pages
+        top = top.masked_fill(~taken, 0)  # an untaken slot reads cluster 0's bounds, never chosen
+        page_of = (top[..., None] * c + torch.arange(c, device=q.device)).flatten(1)  # (S, K1 * c)
+        exists = taken.repeat_interleave(c, dim=1) & (page_of < pages[:, None])
+        return top, page_of, exists
 
     def gather(
         self, obs: Observation
@@ -370,5 +412,9 @@ def check_selection_budget(name: str, ratio: float | None, tokens: int | None) -
 
 
 def _matvec(bounds: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-    """(S, P) = bounds (S, P, D) @ vector (S, D), one batched matrix-vector product."""
-    return torch.einsum("spd,sd->sp", bounds, vector)  # faster than bmm for one vector on CPU
+    """(S, P) = bounds (S, P, D) @ vector (S, D), one matrix-vector product per segment.
+
+    On CPU, ``torch.mv`` per segment is about 7x faster than one batched product (``einsum``/``bmm`` with a
+    single column), measured at (2, 4096, 64) fp32 on one thread: 61 against 451 us.
+    """
+    return torch.stack([torch.mv(rows, v) for rows, v in zip(bounds, vector, strict=True)])
