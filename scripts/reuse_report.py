@@ -82,7 +82,7 @@ def body_of(args: argparse.Namespace, result: dict, doc_tokens: list[int], out: 
             f"documents {min(doc_tokens)}-{max(doc_tokens)} tokens (prose cut to a fixed length, as a chunked "
             f"corpus), prompts {min(prompt_tokens)}-{max(prompt_tokens)} tokens; agent k reads the document, the "
             f"question and agents 1..k-1's answers. Command: `{command}` (records in "
-            f"`{out.relative_to(ROOT)}`).",
+            f"`{out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}`).",
             f"Stored segments are computed after the header {json.dumps(args.header)} (then dropped); an agent's "
             "answer, as later agents read it, is its first sentence.",
             *extension,
