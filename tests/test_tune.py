@@ -26,7 +26,7 @@ from kvsqueeze.tune import (
     tune_bits,
     tune_profile,
 )
-from kvsqueeze.tune.bits import bit_space
+from kvsqueeze.tune.bits import bit_space, continuation_in_one_chunk
 from kvsqueeze.tune.calibration import calibration_samples, method_loss, profile_loss
 
 
@@ -265,9 +265,27 @@ def test_tiny_model_bits_search_lowers_the_kl_and_is_seeded(tiny):
     assert profile.search["start_key_bits"] == [4] * 4 and profile.search["stored_bytes"] <= 0.45
     assert profile.search["kl"] == result.loss and profile.search["start_kl"] == result.start_loss
     samples = calibration_samples(model, tokenizer, 2, 96, 6, progress=False)
-    assert method_loss(model, samples, with_profile(method, profile), 1.0) == pytest.approx(result.loss)
+    profiled = with_profile(method, profile)  # scored as the tuner does, the continuation in one chunk
+    assert method_loss(model, samples, profiled, 1.0, stepwise=False) == pytest.approx(result.loss)
     again, _ = tune_bits(model, tokenizer, method, 0.45, **kwargs)
     assert (again.key_bits, again.value_bits) == (profile.key_bits, profile.value_bits)  # same seed
+
+
+def test_a_quantizer_continuation_in_one_chunk_is_exact_until_its_residual_fills(tiny):
+    """The tuner feeds a pure quantizer's continuation as one chunk while no block of its residual is
+    quantized before the continuation's last token: then the loss equals the token-by-token one."""
+    model, tokenizer = tiny
+    method = get_method("kivi", **KIVI_SMALL)
+    block = method.components().quantize.block
+    assert continuation_in_one_chunk(method, 96, 6)
+    assert continuation_in_one_chunk(method, 4 * block, block)  # the last token attends, then quantizes
+    assert not continuation_in_one_chunk(method, 4 * block, block + 1)
+    assert not continuation_in_one_chunk(get_method("snapkv+kivi"), 96, 6)  # its kept rows set the residual
+    assert not continuation_in_one_chunk(get_method("h2o"), 96, 6)  # evicts while decoding
+    assert continuation_in_one_chunk(get_method("snapkv"), 96, 6)  # its cache does not change
+    samples = calibration_samples(model, tokenizer, 2, 96, 6, progress=False)
+    chunk = method_loss(model, samples, method, 1.0, stepwise=False)
+    assert chunk == pytest.approx(method_loss(model, samples, method, 1.0, stepwise=True), rel=1e-4)
 
 
 def test_bit_profiles_load_old_files_and_refuse_bad_bits(tmp_path):

@@ -75,10 +75,15 @@ def profile_loss(
 
 @torch.inference_mode()
 def method_loss(
-    model: PreTrainedModel, samples: Sequence[CalibrationSample], method: Method, budget: float
+    model: PreTrainedModel,
+    samples: Sequence[CalibrationSample],
+    method: Method,
+    budget: float,
+    stepwise: bool | None = None,
 ) -> float:
-    """Mean KL of ``method`` (a profiled one: layer budgets or bits) at ``budget`` over ``samples``."""
-    stepwise = method.components().decodes_stepwise
+    """Mean KL of ``method`` (a profiled one: layer budgets or bits) at ``budget`` over ``samples``; the
+    continuation is fed token by token when the method needs it (``stepwise=None``), or as told."""
+    stepwise = method.components().decodes_stepwise if stepwise is None else stepwise
     losses = []
     for sample in samples:
         cache = sample.source.fork(method, budget)
