@@ -79,4 +79,10 @@ def test_forks_reusing_attention_keep_the_same_rows(tiny_models, arch):
         assert [layer.kept_positions() for layer in shared.layers] == [
             layer.kept_positions() for layer in own.layers
         ]
-    assert any(layer.recorded._column_sums for layer in source.layers)  # kept on the recording
+    assert any(layer.recorded._memo for layer in source.layers)  # kept on the recording
+    # ZipCache's saliency too: computed once over the prompt, the same split of every layer's rows
+    own, shared = source.fork("zipcache"), source.fork("zipcache", reuse_attention=True)
+    again = source.fork("zipcache", reuse_attention=True)
+    for mine, theirs, third in zip(own.layers, shared.layers, again.layers, strict=True):
+        assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, third.values)
+    assert any("normalized_attention" in str(key) for layer in source.layers for key in layer.recorded._memo)

@@ -6,7 +6,7 @@ fp32, query chunk by query chunk, so a prefill of ``L`` tokens never materialize
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -37,8 +37,9 @@ class Observation:
     is_prefill: bool = True
     all_keys_valid: bool = False  # a hint: no padding slot in `keys` (lets masks be skipped)
     hidden_states: torch.Tensor | None = None  # (B, q, D_model) the attention's input, for learned scorers
-    # column_sums per first query index; not copied by dataclasses.replace, so new rows mean new sums
-    _column_sums: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+    # what :meth:`memoized` computed (column sums, a scorer's prompt scores); not copied by
+    # dataclasses.replace, so new rows mean new results
+    _memo: dict[Hashable, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def batch_size(self) -> int:
@@ -111,14 +112,29 @@ class Observation:
         Computed once per ``start`` and kept on this observation, so a scorer and an allocator that both
         need it (D2O's accumulated scores and attention variance) walk the attention once. Treat as read-only.
         """
-        sums = self._column_sums.get(start)
-        if sums is None:
+
+        def walk() -> torch.Tensor:
             b, h_kv, t = self.key_positions.shape
             sums = torch.zeros(b, h_kv, self.group_size, t, dtype=torch.float32, device=self.keys.device)
             for probs in self.probability_chunks(start):  # (B, H_kv, g, qc, T')
                 sums[..., : probs.shape[-1]] += probs.sum(dim=3)
-            self._column_sums[start] = sums
-        return sums
+            return sums
+
+        return self.memoized(("column_sums", start), walk)
+
+    def memoized(self, key: Hashable, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``compute()``, once per ``key`` on this observation (and on every observation sharing its memo:
+        forks of one recorded prefill with ``reuse_attention``). Treat the result as read-only."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+    def share_memo(self, other: Observation) -> None:
+        """Share ``other``'s memo when both hold the same rows (a fork's rows before any eviction)."""
+        if self.key_positions.shape == other.key_positions.shape and torch.equal(
+            self.key_positions, other.key_positions
+        ):
+            self._memo = other._memo
 
     def last_queries(self, count: int) -> int:
         """Index of the first of the last ``count`` queries of this call."""

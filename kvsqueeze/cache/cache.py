@@ -163,10 +163,10 @@ class SqueezeCache(Cache):
 
         This cache must be a ``full`` cache built with ``record_prefill=True`` and filled by one prompt
         forward. The result equals running ``method`` during that prefill (prefill once, compress many);
-        this cache is left untouched. ``reuse_attention=True``: the prompt's accumulated attention (the
-        column sums H2O, D2O and PrefixKV score by) is computed once over this cache's forks that ask for
-        it and reused, which gives the same rows; their compression times are then not their own, so the
-        benchmark leaves it off.
+        this cache is left untouched. ``reuse_attention=True``: what scorers compute over the prompt (the
+        column sums H2O, D2O and PrefixKV score by, ZipCache's saliency) is computed once over this cache's
+        forks that ask for it and reused, which gives the same rows; their compression times are then not
+        their own, so the benchmark leaves it off (the tuner turns it on).
         """
         if self.method.name != "full":
             raise ValueError(f"fork() needs a full cache as its source, not {self.method.name}")

@@ -263,9 +263,9 @@ class SqueezeLayer(CacheLayerMixin):
         rows are copied and this layer's method compresses them, scored with the recorded queries, exactly
         as if it had run during that prefill: prefill attention is exact, so a prompt's keys, values and
         queries do not depend on the method. This is how one prefill serves many methods and budgets.
-        ``reuse_attention``: the prompt's column sums (accumulated attention) are kept on the recording,
-        so every later adopter reuses them instead of walking the prompt's attention again (same sums,
-        same rows kept; the compression time is then not the method's own).
+        ``reuse_attention``: what scorers compute over the prompt (its column sums, ZipCache's saliency) is
+        kept on the recording, so every later adopter reuses it instead of walking the prompt's attention
+        again (same scores, same rows kept; the compression time is then not the method's own).
         """
         if source.recorded is None:
             raise ValueError(
@@ -279,8 +279,8 @@ class SqueezeLayer(CacheLayerMixin):
         self.seen, self.prompt_end = source.seen, source.prompt_end
         self.prompt_lengths = source.prompt_lengths.clone()
         obs = dataclasses.replace(rec, **self._stored_rows())
-        if reuse_attention and torch.equal(obs.key_positions, rec.key_positions):  # the same rows
-            obs._column_sums = rec._column_sums  # one dict: sums one adopter computes serve the next
+        if reuse_attention:  # one memo: what one adopter computes over the prompt serves the next
+            obs.share_memo(rec)
         self._compress_and_quantize(obs)
         self.rows.release()
         self._note_size()
@@ -439,6 +439,7 @@ class SqueezeLayer(CacheLayerMixin):
         saliency = None
         if quant.saliency is not None:
             current = dataclasses.replace(obs, **self._stored_rows())  # the rows eviction left
+            current.share_memo(obs)  # nothing evicted: the prompt's saliency is the observation's
             scores = quant.rank(current)  # (B, H_kv, T)
             saliency = self.rows.residual_part(scores.reshape(-1, scores.shape[-1]))
         self.rows.quantize(due, saliency)

@@ -50,6 +50,11 @@ class NormalizedAttentionScorer(Scorer):
             total = torch.zeros(obs.key_positions.shape, dtype=torch.float32, device=obs.keys.device)
             total[..., : probs.shape[-1]] = probs.sum(dim=(2, 3))
             return total
+        key = (self.name, self.recent_ratio, self.random_ratio, self.seed)
+        return obs.memoized(key, lambda: self._prompt_scores(obs))  # forks of one prefill share it
+
+    def _prompt_scores(self, obs: Observation) -> torch.Tensor:
+        """(B, H_kv, T) the prompt's normalized probe attention (see the module doc)."""
         idx = self.probe_indices(obs.query_length).to(obs.query.device)
         probes = dataclasses.replace(
             obs,

@@ -6,7 +6,8 @@ follows it in the document. The context is prefilled once into a full cache that
 need; the continuation's next-token log-probabilities under that cache are the reference. A candidate's
 loss on the sample is the mean KL(full || candidate) over the continuation, after the recorded prefill is
 compressed by the candidate (``fork``): no candidate pays for a prefill (EvoPress §5.1's speed-up, exact
-for methods that compress after the prompt).
+for methods that compress after the prompt), and what a scorer computes over a prompt (column sums,
+ZipCache's saliency) is computed once per document and shared by every candidate (``reuse_attention``).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def method_loss(
     stepwise = method.components().decodes_stepwise if stepwise is None else stepwise
     losses = []
     for sample in samples:
-        cache = sample.source.fork(method, budget)
+        cache = sample.source.fork(method, budget, reuse_attention=True)  # prompt scores once per sample
         logprobs = continuation_logprobs(model, cache, sample.continuation, stepwise)
         losses.append(fidelity(sample.reference, logprobs)[0])  # the bench's KL(full || candidate)
     return sum(losses) / len(losses)
