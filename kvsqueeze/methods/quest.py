@@ -13,9 +13,9 @@ Quest's prefill does; sliding-window layers (Gemma 3) attend densely to their wi
 Page size trades accuracy for speed. On the 4k suite (Qwen2.5-Coder-0.5B, query-agnostic, keep 0.25, 3 samples
 per task) 16-token pages score 11 points under the full cache, all of it on kv_retrieval (a uuid is copied
 right for 5 to 12 characters, then drifts) and common_words; ``page_size=4`` is 0.3 under, at KL 0.010 against
-0.187. Its bounds take half the keys' bytes (1.25x the full cache in all) and scoring four times as many pages
-costs attention time: 0.60x the full cache's per step at 16k tokens and 10%, against 0.39x with 16
-(docs/RESULTS.md, blocks selection and selection_speed).
+0.187. Its bounds take half the keys' bytes (1.25x the full cache in all), and a step reads all of them, a
+quarter of what full attention reads: 0.53x the full cache's attention time per step at 16k tokens and 10%,
+against 0.37x with 16 (docs/RESULTS.md, blocks selection and selection_speed).
 
 The budget is the tokens each step attends to: a ratio of the prompt or a token count (the cache's
 budget, or ``select_ratio`` / ``select_tokens``, which composed methods need: ``snapkv+quest`` evicts to
