@@ -30,6 +30,7 @@ from kvsqueeze.bench import TASKS
 from kvsqueeze.bench.report import paired_table, replace_block
 from kvsqueeze.bench.runner import BenchConfig, MethodSpec, load_records, run_bench
 from kvsqueeze.cli.main import main as cli
+from kvsqueeze.tune.evolution import describe_search
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "qwen2.5-coder-0.5b"
@@ -70,12 +71,9 @@ def search_lines() -> list[str]:
     profile = json.loads(TUNED.read_text())
     search = profile["search"]
     return [
-        f"Search: {search['generations']} generations x {search['offspring']} offspring (seed {search['seed']}), "
-        f"{profile['num_prompts']} offline documents of {profile['prompt_tokens'][0]} tokens, KL over "
-        f"{search['continuation_tokens']} teacher-forced tokens each; {search['evaluations']} (candidate, "
-        f"document) evaluations in {search['seconds'] / 60:.0f} min of wall time. Calibration KL "
-        f"{search['kl']:.4f} at {search['stored_bytes']:.4f}x fp16 against the uniform start's "
-        f"{search['start_kl']:.4f} at {search['start_bytes']:.4f}x.",
+        f"{describe_search(profile)} Calibration KL {search['kl']:.4f} at {search['stored_bytes']:.4f}x fp16 "
+        f"by the tuner's count against the uniform start's {search['start_kl']:.4f} at "
+        f"{search['start_bytes']:.4f}x.",
         "",
         f"Salient-set bits per layer, keys: {profile['key_bits']}; values: {profile['value_bits']} (the start: "
         f"keys {search['start_key_bits']}, values {search['start_value_bits']}).",
@@ -132,7 +130,9 @@ def main() -> None:
         f"`{RECORDS.relative_to(ROOT)}`, shared with the quantization rows of the bench block; the profile in "
         f"`{TUNED.relative_to(ROOT)}`). `+zipcache-bytes{BYTES:g}` is "
         f"`zipcache(key_pre_rope=True,value_hadamard=True)` with the searched bits of its salient set per layer "
-        f"(the least salient rows stay at 2 bits) within {BYTES:g}x an fp16 cache.",
+        f"(the least salient rows stay at 2 bits) within {BYTES:g}x an fp16 cache by the tuner's count (a "
+        "2048-token block quantized). `bytes / fp16` is measured from the cache's tensors after the answer: it "
+        "also holds the question's and the generated rows, at full precision in the residual.",
         "",
         *search_lines(),
         "",

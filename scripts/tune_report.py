@@ -31,6 +31,7 @@ from kvsqueeze.bench import TASKS
 from kvsqueeze.bench.report import markdown_table, paired_table, replace_block
 from kvsqueeze.bench.runner import BenchConfig, MethodSpec, load_records, run_bench
 from kvsqueeze.cli.main import main as cli
+from kvsqueeze.tune.evolution import describe_search
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "qwen2.5-coder-0.5b"
@@ -75,11 +76,8 @@ def search_lines() -> list[str]:
     search = profile["search"]
     ratios = ", ".join(f"{r:.3f}" for r in profile["keep_ratios"])
     return [
-        f"Search: {search['generations']} generations x {search['offspring']} offspring (seed "
-        f"{search['seed']}), {profile['num_prompts']} offline documents of {profile['prompt_tokens'][0]} "
-        f"tokens, KL over {search['continuation_tokens']} teacher-forced tokens each; {search['evaluations']} "
-        f"(candidate, document) evaluations in {search['seconds'] / 60:.0f} min of wall time. Calibration KL "
-        f"{search['kl']:.4f} against the uniform start's {search['uniform_kl']:.4f}.",
+        f"{describe_search(profile)} Calibration KL {search['kl']:.4f} against the uniform start's "
+        f"{search['uniform_kl']:.4f}.",
         "",
         f"Keep ratio per layer (mean {sum(profile['keep_ratios']) / len(profile['keep_ratios']):.3f}): {ratios}",
     ]

@@ -96,6 +96,18 @@ class SearchResult:
         }
 
 
+def describe_search(profile: dict) -> str:
+    """One sentence on a saved profile's search (its ``search`` record): its size, its calibration documents
+    and its wall time, as the report scripts print it."""
+    search = profile["search"]
+    return (
+        f"Search: {search['generations']} generations x {search['offspring']} offspring (seed {search['seed']}), "
+        f"{profile['num_prompts']} offline documents of {profile['prompt_tokens'][0]} tokens, KL over "
+        f"{search['continuation_tokens']} teacher-forced tokens each; {search['evaluations']} (candidate, "
+        f"document) evaluations in {search['seconds'] / 60:.0f} min of wall time."
+    )
+
+
 class _Memo:
     """Losses per (levels, sample): a candidate met twice (the parent, a repeated child) is scored once."""
 
