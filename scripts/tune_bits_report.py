@@ -22,11 +22,13 @@ Bytes are measured from the cache's tensors (``cache_bytes``), as a share of an 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
+from bench_report import REPEAT_SAMPLES, ROTATED, repeat_config  # the published repeated rows' config
+
 import kvsqueeze
-from kvsqueeze.bench import TASKS
 from kvsqueeze.bench.report import paired_table, replace_block
 from kvsqueeze.bench.runner import BenchConfig, MethodSpec, load_records, run_bench
 from kvsqueeze.cli.main import main as cli
@@ -35,8 +37,6 @@ from kvsqueeze.tune.evolution import describe_search
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "qwen2.5-coder-0.5b"
 BYTES = 0.22
-REPEAT_SAMPLES = 3
-ROTATED = {"key_pre_rope": True, "value_hadamard": True}
 TUNED = ROOT / "docs" / "bench" / "tune" / f"zipcache-bytes{BYTES:g}.json"
 RECORDS = ROOT / "docs" / "bench" / "repeats"
 COMMAND = ".venv/bin/python scripts/tune_bits_report.py --write"
@@ -50,18 +50,9 @@ def rows() -> list[MethodSpec]:
 
 
 def config(methods: list[MethodSpec]) -> BenchConfig:
-    """scripts/bench_report.py's repeated rows' config (query-agnostic, 3 samples), with ``methods``."""
-    return BenchConfig(
-        methods=methods,
-        budgets=[0.1, 0.25, 0.5],
-        tasks=sorted(TASKS),
-        lengths=[4096],
-        num_samples=REPEAT_SAMPLES,
-        seed=0,
-        haystack="pydocs",
-        settings=["query_agnostic"],
-        fidelity_tokens=64,
-    )
+    """scripts/bench_report.py's repeated rows' config (query-agnostic, REPEAT_SAMPLES samples), with
+    ``methods``: the same records, so the rows it published are read, not re-run."""
+    return dataclasses.replace(repeat_config("query_agnostic"), methods=methods)
 
 
 def search_lines() -> list[str]:

@@ -7,8 +7,8 @@ attends to the rows of the best ``max(3, budget // 16)`` pages only, the first p
 newest page (the current token) always among them (``group="max"``: a page scores its best query head's bound
 relative to that head's best page instead, see :mod:`kvsqueeze.actions.select`). Spec B §4.1; defaults from
 the official code (mit-han-lab/Quest): page size 16, at least 3 pages, the prompt and the first
-``dense_layers = 2`` layers dense. A call of several tokens after the prompt (a question, a chunk) attends densely too, as
-Quest's prefill does; sliding-window layers (Gemma 3) attend densely to their window.
+``dense_layers = 2`` layers dense. A call of several tokens after the prompt (a question, a chunk) attends
+densely too, as Quest's prefill does; sliding-window layers (Gemma 3) attend densely to their window.
 
 Page size trades accuracy for speed. On the 4k suite (Qwen2.5-Coder-0.5B, query-agnostic, keep 0.25, 3 samples
 per task) 16-token pages score 11 points under the full cache, all of it on kv_retrieval (a uuid is copied
