@@ -100,13 +100,14 @@ def _chosen(select: Select, query: torch.Tensor, keys, positions, lengths) -> li
     return [sorted(p[v].tolist()) for p, v in zip(pages, valid, strict=True)]
 
 
+@pytest.mark.parametrize("bounds_dtype", ["float16", "float32"])
 @pytest.mark.parametrize("group", ["sum", "max"])
 @pytest.mark.parametrize("seed", range(4))
-def test_quest_pages_match_a_brute_force_reference(seed, group):
+def test_quest_pages_match_a_brute_force_reference(seed, group, bounds_dtype):
     lengths = [61, 61, 37, 37]  # two sequences x two KV heads, ragged (a padded batch's rows)
     keys, positions, lengths_t = _rows(seed, lengths)
     query = torch.randn(2, 6, 1, 8, generator=torch.Generator().manual_seed(100 + seed))  # g = 3
-    select = Select(page_size=PAGE, score="bound", group=group)
+    select = Select(page_size=PAGE, score="bound", group=group, bounds_dtype=bounds_dtype)
     select.set_budget(torch.tensor([61, 37]), torch.tensor([20, 14]))
     got = _chosen(select, query, keys, positions, lengths_t)
     groups = query[:, :, 0].reshape(4, 3, 8)  # segment s = b * H_kv + h: its query heads
@@ -116,12 +117,15 @@ def test_quest_pages_match_a_brute_force_reference(seed, group):
     assert all(len(p) * PAGE <= max(b, 3 * PAGE) for p, b in zip(got, budgets, strict=True))
 
 
+@pytest.mark.parametrize("bounds_dtype", ["float16", "float32"])
 @pytest.mark.parametrize("seed", range(4))
-def test_mpcache_pages_match_a_brute_force_reference(seed):
+def test_mpcache_pages_match_a_brute_force_reference(seed, bounds_dtype):
     lengths = [97, 97, 70, 70]
     keys, positions, lengths_t = _rows(seed, lengths)
     query = torch.randn(2, 4, 1, 8, generator=torch.Generator().manual_seed(200 + seed))  # g = 2
-    select = Select(page_size=PAGE, score="linear", alpha=0.6, coarse=2, coarse_ratio=0.5)
+    select = Select(
+        page_size=PAGE, score="linear", alpha=0.6, coarse=2, coarse_ratio=0.5, bounds_dtype=bounds_dtype
+    )
     select.set_budget(torch.tensor([97, 70]), torch.tensor([30, 20]))
     got = _chosen(select, query, keys, positions, lengths_t)
     groups = query[:, :, 0].reshape(4, 2, 8)
@@ -153,6 +157,24 @@ def test_two_level_bound_pages_match_a_brute_force_reference(seed, ratio):
     assert got == expected
     # the clusters' bounds are kept beside the pages' and counted with them
     assert select.index.clusters is not None and select.nbytes() > select.index.clusters.nbytes() > 0
+
+
+def test_half_precision_bounds_choose_as_fp32_ones_at_large_magnitudes():
+    """Keys and queries big enough that an unscaled fp16 score would overflow: the default fp16 bounds pick
+    the pages fp32 bounds pick, and store half their bytes."""
+    keys, positions, lengths = _rows(11, [80, 80, 80, 80])
+    keys = keys * 3000
+    query = 100 * torch.randn(2, 6, 1, 8, generator=torch.Generator().manual_seed(12))
+    chosen = {}
+    for dtype in ("float16", "float32"):
+        select = Select(page_size=PAGE, bounds_dtype=dtype)
+        select.set_budget(torch.tensor([80, 80]), torch.tensor([24, 24]))
+        chosen[dtype] = _chosen(select, query, keys, positions, lengths)
+        chosen[dtype + " bytes"] = select.nbytes()
+    assert chosen["float16"] == chosen["float32"]
+    assert 2 * chosen["float16 bytes"] == chosen["float32 bytes"]
+    with pytest.raises(ValueError, match="bounds_dtype"):
+        Select(bounds_dtype="int8")
 
 
 def test_page_bounds_stay_current_as_rows_are_appended():
@@ -262,10 +284,10 @@ def test_bytes_are_every_row_plus_the_page_bounds():
     h_kv = model.config.num_key_value_heads
 
     def bounds(rows: int, page: int = 16, per_cluster: int = 1) -> int:
-        """Min and max per page and channel, fp32, with spare pages (to whole clusters)."""
+        """Min and max per page and channel, fp16, with spare pages (to whole clusters)."""
         pages = -(-rows // page)
         capacity = pages + max(4, int(pages * PageIndex.GROWTH))
-        return 2 * h_kv * -(-capacity // per_cluster) * per_cluster * 64 * 4
+        return 2 * h_kv * -(-capacity // per_cluster) * per_cluster * 64 * 2
 
     assert quest.kv_nbytes() == full.kv_nbytes()  # nothing evicted
     # layers 2 and 3 select (the first two are dense)
@@ -274,7 +296,7 @@ def test_bytes_are_every_row_plus_the_page_bounds():
     assert mp.nbytes() == full.nbytes() // 2 + 4 * (
         bounds(300, per_cluster=2) + bounds(300, page=32)
     )  # and its clusters'
-    assert 2 * bounds(600) / full.kv_nbytes() < 2 * (2 / 16) * 1.2 / 4  # about 2/16 of the keys' bytes
+    assert 2 * bounds(600) / full.kv_nbytes() < 2 * (1 / 16) * 1.2 / 4  # about 1/16 of fp32 keys' bytes
 
 
 def test_mpcache_static_eviction_keeps_one_set_per_layer_with_the_window():

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvsqueeze.actions.select import Select
+from kvsqueeze.actions.select import BOUNDS_DTYPES, Select
 from kvsqueeze.allocators.heads import ThresholdHeads, UniformHeads
 from kvsqueeze.allocators.prompt_share import PromptShareAllocator
 from kvsqueeze.methods.base import Components, Method, register
@@ -55,6 +55,7 @@ class MPCache(Method):
     coarse_ratio: float = 0.5
     dense_layers: int = 0
     min_pages: int = 3
+    bounds_dtype: str = "float16"
 
     def validate(self) -> None:
         super().validate()
@@ -77,6 +78,10 @@ class MPCache(Method):
             raise ValueError(
                 f"mpcache: min_pages must be >= 2 (the first and the newest), got {self.min_pages}"
             )
+        if self.bounds_dtype not in BOUNDS_DTYPES:
+            raise ValueError(
+                f"mpcache: bounds_dtype must be one of {', '.join(BOUNDS_DTYPES)}, got {self.bounds_dtype!r}"
+            )
 
     def components(self) -> Components:
         scorer = ObservationPeakScorer(share=self.observation, long_share=min(self.observation, 0.1))
@@ -89,5 +94,6 @@ class MPCache(Method):
             coarse_ratio=self.coarse_ratio,
             dense_layers=self.dense_layers,
             min_pages=self.min_pages,
+            bounds_dtype=self.bounds_dtype,
         )
         return Components(scorer, PromptShareAllocator(self.static_keep), heads=heads, select=select)

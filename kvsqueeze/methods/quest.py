@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvsqueeze.actions.select import GROUP_REDUCTIONS, Select, check_selection_budget
+from kvsqueeze.actions.select import BOUNDS_DTYPES, GROUP_REDUCTIONS, Select, check_selection_budget
 from kvsqueeze.methods.base import Components, Method, Schedule, register
 
 
@@ -46,6 +46,7 @@ class Quest(Method):
     dense_layers: int = 2
     min_pages: int = 3
     group: str = "sum"
+    bounds_dtype: str = "float16"
     select_ratio: float | None = None
     select_tokens: int | None = None
 
@@ -59,6 +60,10 @@ class Quest(Method):
             )
         if self.group not in GROUP_REDUCTIONS:
             raise ValueError(f"quest: group must be one of {', '.join(GROUP_REDUCTIONS)}, got {self.group!r}")
+        if self.bounds_dtype not in BOUNDS_DTYPES:
+            raise ValueError(
+                f"quest: bounds_dtype must be one of {', '.join(BOUNDS_DTYPES)}, got {self.bounds_dtype!r}"
+            )
         check_selection_budget(self.name, self.select_ratio, self.select_tokens)
 
     def components(self) -> Components:
@@ -68,6 +73,7 @@ class Quest(Method):
             dense_layers=self.dense_layers,
             min_pages=self.min_pages,
             group=self.group,
+            bounds_dtype=self.bounds_dtype,
             ratio=self.select_ratio,
             tokens=self.select_tokens,
         )
