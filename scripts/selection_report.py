@@ -40,6 +40,7 @@ BUDGETS = (0.1, 0.25)
 SELECTING = (
     MethodSpec("quest"),
     MethodSpec("quest", {"group": "max"}),
+    MethodSpec("quest", {"page_size": 8}),
     MethodSpec("quest", {"page_size": 4}),
     MethodSpec("mpcache"),
 )
