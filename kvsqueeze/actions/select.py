@@ -197,15 +197,17 @@ class PageIndex:
         s, _, d = keys.shape
         newest = (lengths - 1).clamp(min=0)  # (S,) the new row's slot (where a segment grew)
         row = keys.gather(1, newest.view(s, 1, 1).expand(s, 1, d))[:, 0]  # (S, D)
-        segment, page = torch.arange(s, device=keys.device), newest // self.page_size
-        old = buffer[segment, page].float()  # (S, 2, D)
+        capacity = buffer.shape[1]
+        slot = torch.arange(s, device=keys.device) * capacity + newest // self.page_size  # (S,) its page
+        flat = buffer.view(s * capacity, 2 * d)
+        old = flat.index_select(0, slot).view(s, 2, d).float()
         opens = (newest % self.page_size == 0)[:, None]  # the row starts its page
         high = torch.where(opens, row, torch.maximum(old[:, 0], row))
         low = torch.where(opens, row, torch.minimum(old[:, 1], row))
         bounds = torch.where((grown > 0)[:, None, None], torch.stack([high, low], dim=1), old)
         if self.dtype == torch.float16:
             bounds = bounds.clamp(-HALF_MAX, HALF_MAX)
-        buffer[segment, page] = bounds.to(self.dtype)
+        flat.index_copy_(0, slot, bounds.view(s, 2 * d).to(self.dtype))
         self._covers(positions, lengths, pages)
         return True
 
