@@ -64,7 +64,8 @@ class PageIndex:
     clusters: PageIndex | None = None  # the same bounds over clusters of pages (a two-level choice), or None
     dtype: torch.dtype = torch.float16  # of the stored bounds
     covered: torch.Tensor | None = None  # (S,) rows the bounds summarize
-    last_position: torch.Tensor | None = None  # (S,) position of the last summarized row (-1: none)
+    last_slot: torch.Tensor | None = None  # (S, 1) slot of the last summarized row (0 for an empty segment)
+    last_position: torch.Tensor | None = None  # (S, 1) the position stored there when it was summarized
     pages: int = 0  # pages of the longest segment
     _buffer: torch.Tensor | None = None  # (S, capacity, 2, D): per-channel maxima, then minima, of each page
 
@@ -114,17 +115,15 @@ class PageIndex:
             self.clusters.invalidate()
 
     def is_current(self, positions: torch.Tensor, lengths: torch.Tensor) -> bool:
-        """True when the summarized rows are still the first ``covered`` rows of every segment."""
+        """True when the summarized rows are still the first ``covered`` rows of every segment (their last
+        slot holds the position it held, which any eviction or merge before it changes)."""
         if (
             self.covered is None
             or self.covered.shape != lengths.shape
             or bool((lengths < self.covered).any())
         ):
             return False
-        last = (self.covered - 1).clamp(min=0)
-        now = positions.gather(1, last[:, None])[:, 0].long()  # (S,)
-        now = torch.where(self.covered > 0, now, torch.full_like(now, -1))
-        return bool((now == self.last_position).all())
+        return bool((positions.gather(1, self.last_slot) == self.last_position).all())
 
     def refresh(self, keys: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor) -> None:
         """Bring the bounds up to date with the stored rows: keys (S, T, D), positions (S, T), lengths (S,).
@@ -173,9 +172,8 @@ class PageIndex:
         """Note that the bounds now summarize the first ``lengths`` rows (``pages`` pages)."""
         self.pages = pages
         self.covered = lengths.clone()
-        last = (lengths - 1).clamp(min=0)
-        pos = positions.gather(1, last[:, None])[:, 0].long()
-        self.last_position = torch.where(lengths > 0, pos, torch.full_like(pos, -1))
+        self.last_slot = (lengths - 1).clamp(min=0)[:, None]
+        self.last_position = positions.gather(1, self.last_slot)
 
     def _append_one_row(
         self, keys: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor, pages: int
@@ -189,23 +187,30 @@ class PageIndex:
         if buffer.is_inference() and not torch.is_inference_mode_enabled():
             return False
         grown = lengths - covered  # (S,)
-        last = (covered - 1).clamp(min=0)
-        now = positions.gather(1, last[:, None])[:, 0].long()
-        now = torch.where(covered > 0, now, torch.full_like(now, -1))
-        if not bool(((grown >= 0) & (grown <= 1) & (now == self.last_position)).all()):
+        current = positions.gather(1, self.last_slot)[:, 0] == self.last_position[:, 0]
+        appended, every_one = torch.stack(
+            [((grown.clamp(0, 1) == grown) & current).all(), (grown == 1).all()]
+        ).tolist()
+        if not appended:
             return False
         s, _, d = keys.shape
         newest = (lengths - 1).clamp(min=0)  # (S,) the new row's slot (where a segment grew)
         row = keys.gather(1, newest.view(s, 1, 1).expand(s, 1, d))[:, 0]  # (S, D)
         capacity = buffer.shape[1]
-        slot = torch.arange(s, device=keys.device) * capacity + newest // self.page_size  # (S,) its page
-        flat = buffer.view(s * capacity, 2 * d)
+        slot = torch.arange(0, s * capacity, capacity, device=keys.device) + newest // self.page_size
+        flat = buffer.view(s * capacity, 2 * d)  # (S * capacity, 2D): a page's bounds per row
         old = flat.index_select(0, slot).view(s, 2, d).float()
         opens = (newest % self.page_size == 0)[:, None]  # the row starts its page
-        high = torch.where(opens, row, torch.maximum(old[:, 0], row))
-        low = torch.where(opens, row, torch.minimum(old[:, 1], row))
-        bounds = torch.where((grown > 0)[:, None, None], torch.stack([high, low], dim=1), old)
-        if self.dtype == torch.float16:
+        bounds = torch.stack(
+            [
+                torch.where(opens, row, torch.maximum(old[:, 0], row)),
+                torch.where(opens, row, torch.minimum(old[:, 1], row)),
+            ],
+            dim=1,
+        )  # (S, 2, D)
+        if not every_one:  # segments that did not grow keep their bounds
+            bounds = torch.where((grown > 0)[:, None, None], bounds, old)
+        if self.dtype == torch.float16 and row.dtype == torch.float32:
             bounds = bounds.clamp(-HALF_MAX, HALF_MAX)
         flat.index_copy_(0, slot, bounds.view(s, 2 * d).to(self.dtype))
         self._covers(positions, lengths, pages)
