@@ -162,8 +162,11 @@ def main() -> None:
         "bytes / full). Both attend densely to the question (a multi-token call) and select at each generated "
         "token; KL and top-1 come from teacher-forcing the full cache's continuation token by token. "
         "`quest(group=max)` scores a page for a KV head by its best query head's bound, relative to that "
-        "head's best page, instead of the sum over the group; `quest(page_size=4)` bounds pages of 4 tokens "
-        "instead of 16.",
+        "head's best page, instead of the sum over the group; `quest(page_size=8)` and `quest(page_size=4)` "
+        "bound pages of 8 and 4 tokens instead of 16. Page bounds are stored in fp16 since commit c11a771; the "
+        "rows run before it (`quest`, `quest(group=max)`, `quest(page_size=4)`, `mpcache`) stored them in fp32, "
+        "which their bytes / full count (fp16 bounds take half as many bytes). A row holding fewer samples than "
+        "asked was stopped before the end (`samples per task` says which); its records are kept and resume.",
         "",
         *selection_lines(records),
         "",

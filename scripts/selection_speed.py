@@ -31,6 +31,14 @@ from kvsqueeze.methods import get_method
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMAND = ".venv/bin/python scripts/selection_speed.py --write"
+DEFAULT_METHODS = (
+    "quest",
+    "quest:bounds_dtype=float32",
+    "quest:page_size=8",
+    "quest:page_size=4",
+    "quest:page_size=4:bounds_dtype=float32",
+    "mpcache",
+)
 SHAPES = {  # (query heads, KV heads, head dim) of the packaged models' attention layers
     "qwen2.5-coder-0.5b": (14, 2, 64),
     "qwen2.5-coder-1.5b": (12, 2, 128),
@@ -122,7 +130,8 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
         f"`{COMMAND}`. `attention` is the layer's attention call per step (for a selecting layer: page scores, "
         "top-k, gather, SDPA over the chosen rows); `ratio` is against the full layer in the same run; "
         "`append` (the new row's copy, the same for all) is not in it. `bounds` are the page bounds a "
-        "selecting layer stores beside every row (all rows kept: the keys and values are the full layer's).",
+        "selecting layer stores beside every row (all rows kept: the keys and values are the full layer's), in "
+        "fp16 unless the row says `bounds_dtype=float32`.",
         "",
         "| context | method | attended share | attention ms/step | ratio to full | append ms/step | bounds |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
@@ -149,8 +158,8 @@ def main() -> None:
     parser.add_argument(
         "--methods",
         type=lambda s: [MethodSpec.parse(m) for m in s.split(",")],
-        default=[MethodSpec.parse(m) for m in ("quest", "quest:page_size=4", "mpcache")],
-        help="comma list of NAME or NAME:PARAM=VALUE (default: quest, quest:page_size=4, mpcache)",
+        default=[MethodSpec.parse(m) for m in DEFAULT_METHODS],
+        help=f"comma list of NAME or NAME:PARAM=VALUE (default: {', '.join(DEFAULT_METHODS)})",
     )
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=5)

@@ -18,10 +18,10 @@ query-aware selection at every decode step.
 
 The budget is the tokens each decode step attends to (a ratio of the prompt or a count), as Quest's: the
 paper's fine level takes rho_2 = 0.2 of the clusters, which the budget replaces. Memory: the static
-survivors plus the bounds of both levels (``2 / fine + 2 / coarse`` of the keys' bytes; a step reads the
-coarse bounds and the chosen clusters' fine ones, not every fine cluster's). Prompt and multi-token calls
-attend densely; ``dense_layers`` (the paper's ``skip_first2layers``, off) layers never select. Cross-layer index sharing (the paper's; absent from its
-released code) is not implemented: every layer selects its own clusters, since each layer's static
+survivors plus the bounds of both levels (``2 / fine + 2 / coarse`` of the keys' count, in fp16; a step
+reads the coarse bounds and the chosen clusters' fine ones, not every fine cluster's). Prompt and
+multi-token calls attend densely; ``dense_layers`` (the paper's ``skip_first2layers``, off) layers never
+select. Cross-layer index sharing (the paper's; absent from its released code) is not implemented: every layer selects its own clusters, since each layer's static
 eviction keeps other rows and one layer's cluster indices name other tokens in the next.
 """
 
