@@ -24,12 +24,13 @@ linear score). With ``group="max"`` each query head's scores are taken relative 
 page scores its best head's: ``max_h (s_h(p) - max_p' s_h(p'))``, so a page one head needs is not outvoted
 by the others.
 
-The page summaries are kept up to date as rows are appended: only the pages from the oldest changed one on
-are recomputed (at a decode step, the newest page). Anything else that changes rows (an eviction, a merge,
-quantization) marks them stale and they are rebuilt. They are stored in half precision (``bounds_dtype``):
-ranking pages needs no more, and a long context's step reads every bound from memory, so half the bytes is
-about half the scoring time (fp16 matrix-vector products accumulate in fp32 on CPU; the query is scaled to
-unit norm first, so a score cannot overflow). Their bytes are counted with the cache's
+The page summaries are kept up to date as rows are appended: a decode step folds its new row into its page's
+bounds in place; after several rows, the pages from the oldest changed one on are recomputed. Anything else
+that changes rows (an eviction, a merge, quantization) marks them stale and they are rebuilt. They are
+stored in half precision (``bounds_dtype``): ranking pages needs no more (the brute-force reference tests
+pick the same pages with fp16 and fp32 bounds), and a long context's step reads every bound from memory, so
+half the bytes is about half the scoring time. The query is scaled to unit norm first, so an fp16 score
+cannot overflow. Their bytes are counted with the cache's
 (:meth:`Select.nbytes`): a selecting cache holds every row plus ``2 / page_size`` of its keys' count in
 fp16 bounds (``1 / page_size`` of an fp32 cache's key bytes; ``1 / (page_size * coarse)`` more for the
 clusters' bounds).
@@ -210,7 +211,7 @@ class PageIndex:
         )  # (S, 2, D)
         if not every_one:  # segments that did not grow keep their bounds
             bounds = torch.where((grown > 0)[:, None, None], bounds, old)
-        if self.dtype == torch.float16 and row.dtype == torch.float32:
+        if self.dtype == torch.float16 and row.dtype != torch.float16:
             bounds = bounds.clamp(-HALF_MAX, HALF_MAX)
         flat.index_copy_(0, slot, bounds.view(s, 2 * d).to(self.dtype))
         self._covers(positions, lengths, pages)

@@ -21,8 +21,9 @@ paper's fine level takes rho_2 = 0.2 of the clusters, which the budget replaces.
 survivors plus the bounds of both levels (``2 / fine + 2 / coarse`` of the keys' count, in fp16; a step
 reads the coarse bounds and the chosen clusters' fine ones, not every fine cluster's). Prompt and
 multi-token calls attend densely; ``dense_layers`` (the paper's ``skip_first2layers``, off) layers never
-select. Cross-layer index sharing (the paper's; absent from its released code) is not implemented: every layer selects its own clusters, since each layer's static
-eviction keeps other rows and one layer's cluster indices name other tokens in the next.
+select. Cross-layer index sharing (the paper's; absent from its released code) is not implemented: every
+layer selects its own clusters, since each layer's static eviction keeps other rows and one layer's cluster
+indices name other tokens in the next.
 """
 
 from __future__ import annotations
