@@ -26,8 +26,13 @@ from kvsqueeze.tune import (
     tune_bits,
     tune_profile,
 )
-from kvsqueeze.tune.bits import bit_space, continuation_in_one_chunk
-from kvsqueeze.tune.calibration import calibration_samples, method_loss, profile_loss
+from kvsqueeze.tune.bits import bit_space
+from kvsqueeze.tune.calibration import (
+    calibration_samples,
+    continuation_in_one_chunk,
+    method_loss,
+    profile_loss,
+)
 
 
 @settings(max_examples=200, deadline=None)

@@ -20,10 +20,10 @@ that fits every unit, plus one width more for keys, then values, layer by layer,
 keys and early layers are the sensitive ones), with the fitness of keep-ratio tuning
 (:func:`~kvsqueeze.tune.calibration.method_loss`: KL against the full cache over offline continuations,
 one recorded prefill per document). A pure quantizer's continuation is fed as one chunk when that is exact
-(:func:`continuation_in_one_chunk`): its cache only changes when the residual fills a block (100 or 128
-rows), and until then one chunk attends to the same rows a token-by-token decode does, at a tenth of the
-cost (Qwen2.5-Coder-0.5B, zipcache, 2048 + 32 tokens, one thread: 0.8 s against 8.2 s, KL 0.0133499 either
-way).
+(:func:`~kvsqueeze.tune.calibration.continuation_in_one_chunk`): its cache only changes when the residual
+fills a block (100 or 128 rows), and until then one chunk attends to the same rows a token-by-token decode
+does, at a tenth of the cost (Qwen2.5-Coder-0.5B, zipcache, 2048 + 32 tokens, one thread: 0.8 s against
+8.2 s, KL 0.0133499 either way).
 The result is a :class:`~kvsqueeze.methods.profiled.LayerProfile` with ``key_bits`` and ``value_bits``.
 """
 
@@ -59,21 +59,6 @@ def check_bits_tunable(method: Method, bytes_ratio: float, budget: float = 1.0) 
         )
     if method.uses_budget and not 0 < budget <= 1:
         raise ValueError(f"tune: --budget (what {method.name} keeps) must be a ratio in (0, 1], got {budget}")
-
-
-def continuation_in_one_chunk(method: Method, context_tokens: int, continuation_tokens: int) -> bool:
-    """Whether a continuation of ``continuation_tokens`` after a ``context_tokens`` prompt gives the same
-    log-probabilities fed as one chunk as token by token: always for a method whose cache does not change
-    while decoding; for a pure quantizer (no eviction, no selection) when no block of its residual is
-    quantized before the continuation's last token (it attends first, then its block is quantized)."""
-    components = method.components()
-    if not components.decodes_stepwise:
-        return True
-    quantize = components.quantize
-    if method.uses_budget or components.select is not None or quantize is None:
-        return False
-    held = context_tokens % quantize.block if quantize.keep_remainder else 0  # residual after the prompt
-    return held + continuation_tokens - 1 < quantize.block
 
 
 def fp16_bytes(num_layers: int, tokens: int, head_dim: int) -> int:
@@ -148,11 +133,9 @@ def tune_bits(
     def profile_of(bits: tuple[int, ...]) -> LayerProfile:
         return LayerProfile(key_bits=list(bits[:layers]), value_bits=list(bits[layers:]))
 
-    stepwise = not continuation_in_one_chunk(method, context_tokens, continuation_tokens)
-
     def loss(bits: tuple[int, ...], ids: list[int]) -> float:
         profiled = with_profile(method, profile_of(bits))
-        return method_loss(model, [samples[i] for i in ids], profiled, budget, stepwise)
+        return method_loss(model, [samples[i] for i in ids], profiled, budget)
 
     key = fitness_key(model, method, budget, documents, context_tokens, continuation_tokens)
     key["bytes"] = bytes_ratio

@@ -83,14 +83,33 @@ def method_loss(
     stepwise: bool | None = None,
 ) -> float:
     """Mean KL of ``method`` (a profiled one: layer budgets or bits) at ``budget`` over ``samples``; the
-    continuation is fed token by token when the method needs it (``stepwise=None``), or as told."""
-    stepwise = method.components().decodes_stepwise if stepwise is None else stepwise
+    continuation is fed as one chunk where that is exact (:func:`continuation_in_one_chunk`, with
+    ``stepwise=None``), else token by token, or as ``stepwise`` tells."""
     losses = []
     for sample in samples:
         cache = sample.source.fork(method, budget, reuse_attention=True)  # prompt scores once per sample
-        logprobs = continuation_logprobs(model, cache, sample.continuation, stepwise)
+        one_chunk = continuation_in_one_chunk(
+            method, sample.source.get_seq_length(), sample.continuation.shape[-1]
+        )
+        each = not one_chunk if stepwise is None else stepwise
+        logprobs = continuation_logprobs(model, cache, sample.continuation, each)
         losses.append(fidelity(sample.reference, logprobs)[0])  # the bench's KL(full || candidate)
     return sum(losses) / len(losses)
+
+
+def continuation_in_one_chunk(method: Method, context_tokens: int, continuation_tokens: int) -> bool:
+    """Whether a continuation of ``continuation_tokens`` after a ``context_tokens`` prompt gives the same
+    log-probabilities fed as one chunk as token by token: always for a method whose cache does not change
+    while decoding; for a pure quantizer (no eviction, no selection) when no block of its residual is
+    quantized before the continuation's last token (it attends first, then its block is quantized)."""
+    components = method.components()
+    if not components.decodes_stepwise:
+        return True
+    quantize = components.quantize
+    if method.uses_budget or components.select is not None or quantize is None:
+        return False
+    held = context_tokens % quantize.block if quantize.keep_remainder else 0  # residual after the prompt
+    return held + continuation_tokens - 1 < quantize.block
 
 
 def fitness_key(
