@@ -124,7 +124,17 @@ class PageIndex:
             or bool((lengths < self.covered).any())
         ):
             return False
-        return bool((positions.gather(1, self.last_slot) == self.last_position).all())
+        return bool(self._last_rows_unchanged(positions).all())
+
+    def _last_rows_unchanged(self, positions: torch.Tensor) -> torch.Tensor:
+        """(S,) whether each segment's last summarized slot still holds the position it held."""
+        return positions.gather(1, self.last_slot)[:, 0] == self.last_position[:, 0]
+
+    def _storable(self, bounds: torch.Tensor) -> torch.Tensor:
+        """``bounds`` in the stored dtype; values past fp16's range (none seen in practice) saturate."""
+        if self.dtype == torch.float16 and bounds.dtype != torch.float16:
+            bounds = bounds.clamp(-HALF_MAX, HALF_MAX)
+        return bounds.to(self.dtype)
 
     def refresh(self, keys: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor) -> None:
         """Bring the bounds up to date with the stored rows: keys (S, T, D), positions (S, T), lengths (S,).
@@ -153,8 +163,6 @@ class PageIndex:
         high = chunk.masked_fill(~valid, float("-inf")).amax(dim=2)
         empty = ~valid.any(dim=2)  # (S, n, 1): pages past a segment's end
         low, high = low.masked_fill(empty, 0), high.masked_fill(empty, 0)
-        if self.dtype == torch.float16:  # keys past fp16's range (none seen in practice) saturate
-            low, high = low.clamp(-HALF_MAX, HALF_MAX), high.clamp(-HALF_MAX, HALF_MAX)
         fits = self._buffer is not None and self._buffer.shape[0] == s and self._buffer.shape[1] >= pages
         if fits and self._buffer.is_inference() and not torch.is_inference_mode_enabled():
             fits = False  # built under inference_mode (a prefill), updated outside it: copy once
@@ -165,8 +173,8 @@ class PageIndex:
             self._buffer = keys.new_zeros(s, capacity, 2, d, dtype=self.dtype)
             if first > 0:
                 self._buffer[:, :first] = old[:, :first]
-        self._buffer[:, first:pages, 0] = high
-        self._buffer[:, first:pages, 1] = low
+        self._buffer[:, first:pages, 0] = self._storable(high)
+        self._buffer[:, first:pages, 1] = self._storable(low)
         self._covers(positions, lengths, pages)
 
     def _covers(self, positions: torch.Tensor, lengths: torch.Tensor, pages: int) -> None:
@@ -188,9 +196,8 @@ class PageIndex:
         if buffer.is_inference() and not torch.is_inference_mode_enabled():
             return False
         grown = lengths - covered  # (S,)
-        current = positions.gather(1, self.last_slot)[:, 0] == self.last_position[:, 0]
         appended, every_one = torch.stack(
-            [((grown.clamp(0, 1) == grown) & current).all(), (grown == 1).all()]
+            [((grown.clamp(0, 1) == grown) & self._last_rows_unchanged(positions)).all(), (grown == 1).all()]
         ).tolist()
         if not appended:
             return False
@@ -211,9 +218,7 @@ class PageIndex:
         )  # (S, 2, D)
         if not every_one:  # segments that did not grow keep their bounds
             bounds = torch.where((grown > 0)[:, None, None], bounds, old)
-        if self.dtype == torch.float16 and row.dtype != torch.float16:
-            bounds = bounds.clamp(-HALF_MAX, HALF_MAX)
-        flat.index_copy_(0, slot, bounds.view(s, 2 * d).to(self.dtype))
+        flat.index_copy_(0, slot, self._storable(bounds.view(s, 2 * d)))
         self._covers(positions, lengths, pages)
         return True
 
