@@ -29,6 +29,7 @@ from kvsqueeze.bench.report import (
     markdown_table,
     mean_of,
     paired_table,
+    parse_stages,
     plot_results,
     ratio_summary,
     replace_block,
@@ -250,9 +251,7 @@ def repeats_section(setting: str) -> list[str]:
 
 def report(args: argparse.Namespace) -> None:
     """Run the stages asked for, then print (and with --write, publish) the tables."""
-    stages = [stage for stage in args.stages.split(",") if stage]  # --stages '' only writes the report
-    if unknown := set(stages) - set(STAGES):
-        raise SystemExit(f"unknown stage {sorted(unknown)[0]!r}; stages: {', '.join(STAGES)}")
+    stages = parse_stages(args.stages, STAGES)
     bench = {setting: config(args.samples, setting) for setting in SETTINGS}
     tasks = args.tasks.split(",") if args.tasks else sorted(TASKS)
     model, tokenizer = kvsqueeze.load_model(MODEL)

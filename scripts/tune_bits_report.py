@@ -33,7 +33,7 @@ from pathlib import Path
 from bench_report import REPEAT_SAMPLES, ROTATED, repeat_config  # the published repeated rows' config
 
 import kvsqueeze
-from kvsqueeze.bench.report import paired_table, replace_block
+from kvsqueeze.bench.report import paired_table, parse_stages, replace_block
 from kvsqueeze.bench.runner import BenchConfig, MethodSpec, load_records, run_bench
 from kvsqueeze.cli.main import main as cli
 from kvsqueeze.tune.evolution import describe_search
@@ -105,9 +105,7 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="replace the tune_bits block in docs/RESULTS.md")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)}")
     args = parser.parse_args()
-    stages = [s for s in args.stages.split(",") if s]
-    if unknown := set(stages) - set(STAGES):
-        raise SystemExit(f"unknown stage {sorted(unknown)[0]!r}; stages: {', '.join(STAGES)}")
+    stages = parse_stages(args.stages, STAGES)
     params = [arg for name, value in ROTATED.items() for arg in ("-p", f"{name}={value}")]
     for target in TARGETS if "tune" in stages else ():
         if not tuned(target).exists():

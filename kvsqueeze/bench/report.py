@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from kvsqueeze.generation import format_bytes
@@ -260,6 +260,15 @@ def _lines(ax, records: list[dict], x: str, y: str, title: str) -> None:
 def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     return path
+
+
+def parse_stages(text: str, known: Sequence[str]) -> list[str]:
+    """A report script's ``--stages`` (a comma list; ``''`` runs none and only writes the report), each one
+    of ``known``; an unknown one exits with a one-line message."""
+    stages = [stage for stage in text.split(",") if stage]
+    if unknown := set(stages) - set(known):
+        raise SystemExit(f"unknown stage {sorted(unknown)[0]!r}; stages: {', '.join(known)}")
+    return stages
 
 
 def replace_block(path: Path, name: str, body: str) -> None:
