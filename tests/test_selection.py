@@ -197,6 +197,24 @@ def test_page_bounds_stay_current_as_rows_are_appended():
     assert torch.equal(index.kmin, fresh.kmin) and torch.equal(index.kmax, fresh.kmax)
 
 
+
+def test_in_place_append_when_segments_agree_matches_a_rebuild():
+    """The decode step's shortcut (every segment holds T rows, the bounds cover T - 1) gives the bounds a
+    rebuild gives, across page boundaries; it declines when the bounds are not one row behind."""
+    keys, positions, lengths = _rows(6, [40, 40, 40])
+    index = PageIndex(PAGE)
+    index.refresh(keys[:, :21], positions[:, :21], lengths - 19)
+    for t in range(22, 41):
+        assert index.append_row(keys[:, :t], positions[:, :t])
+        fresh = PageIndex(PAGE)
+        fresh.refresh(keys[:, :t], positions[:, :t], torch.full_like(lengths, t))
+        assert torch.equal(index.kmin, fresh.kmin) and torch.equal(index.kmax, fresh.kmax)
+        assert torch.equal(index.covered, fresh.covered) and index.covered_all == t
+    assert not index.append_row(keys, positions)  # already covers all 40 rows
+    ragged = PageIndex(PAGE)
+    ragged.refresh(keys, positions, torch.tensor([40, 39, 40]))
+    assert ragged.covered_all is None and not ragged.append_row(keys, positions)
+
 class _Attention(torch.nn.Module):
     """What SDPA reads of an attention module."""
 

@@ -25,7 +25,10 @@ page scores its best head's: ``max_h (s_h(p) - max_p' s_h(p'))``, so a page one 
 by the others.
 
 The page summaries are kept up to date as rows are appended: a decode step folds its new row into its page's
-bounds in place; after several rows, the pages from the oldest changed one on are recomputed. Anything else
+bounds in place; after several rows, the pages from the oldest changed one on are recomputed. When every
+segment holds the same rows and budget (one sequence, an unpadded batch), a step's bookkeeping runs on Python
+counts instead of per-segment tensors (:meth:`Select._rows_when_segments_agree`, the same pages): at long
+contexts on a CPU the hundred small tensor ops it saves cost as much as the attention over the chosen rows. Anything else
 that changes rows (an eviction, a merge, quantization) marks them stale and they are rebuilt. They are
 stored in half precision (``bounds_dtype``): ranking pages needs no more (the brute-force reference tests
 pick the same pages with fp16 and fp32 bounds), and a long context's step reads every bound from memory, so
@@ -44,6 +47,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from kvsqueeze.attention.observation import Observation
 
@@ -67,6 +71,7 @@ class PageIndex:
     covered: torch.Tensor | None = None  # (S,) rows the bounds summarize
     last_slot: torch.Tensor | None = None  # (S, 1) slot of the last summarized row (0 for an empty segment)
     last_position: torch.Tensor | None = None  # (S, 1) the position stored there when it was summarized
+    covered_all: int | None = None  # the rows every segment's bounds cover, when that is one count
     pages: int = 0  # pages of the longest segment
     _buffer: torch.Tensor | None = None  # (S, capacity, 2, D): per-channel maxima, then minima, of each page
 
@@ -111,7 +116,7 @@ class PageIndex:
 
     def invalidate(self) -> None:
         """Forget what the bounds cover: the next :meth:`refresh` recomputes every page (and cluster)."""
-        self.covered = None
+        self.covered, self.covered_all = None, None
         if self.clusters is not None:
             self.clusters.invalidate()
 
@@ -145,7 +150,8 @@ class PageIndex:
             self.clusters.refresh(keys, positions, lengths)
         s, _, d = keys.shape
         size = self.page_size
-        pages = max(1, -(-int(lengths.max()) // size)) if s else 1
+        longest = int(lengths.max()) if s else 0
+        pages = max(1, -(-longest // size))
         if self._append_one_row(keys, positions, lengths, pages):
             return
         first = 0
@@ -175,14 +181,46 @@ class PageIndex:
                 self._buffer[:, :first] = old[:, :first]
         self._buffer[:, first:pages, 0] = self._storable(high)
         self._buffer[:, first:pages, 1] = self._storable(low)
-        self._covers(positions, lengths, pages)
+        self._covers(positions, lengths, pages, longest if s and int(lengths.min()) == longest else None)
 
-    def _covers(self, positions: torch.Tensor, lengths: torch.Tensor, pages: int) -> None:
-        """Note that the bounds now summarize the first ``lengths`` rows (``pages`` pages)."""
+    def _covers(self, positions: torch.Tensor, lengths: torch.Tensor, pages: int, every: int | None) -> None:
+        """Note that the bounds now summarize the first ``lengths`` rows (``pages`` pages); ``every``: the
+        count when all of ``lengths`` are that count (None: they differ)."""
         self.pages = pages
         self.covered = lengths.clone()
         self.last_slot = (lengths - 1).clamp(min=0)[:, None]
         self.last_position = positions.gather(1, self.last_slot)
+        self.covered_all = every
+
+    def append_row(self, keys: torch.Tensor, positions: torch.Tensor) -> bool:
+        """A decode step's update when every segment holds the same ``T`` rows (keys (S, T, D), positions
+        (S, T)) and the bounds cover the first ``T - 1`` of each: row ``T - 1`` is folded into its page's
+        bounds (or opens a page) in place, with no per-segment bookkeeping. Returns False, changing
+        nothing, when that is not the case (then :meth:`refresh` applies)."""
+        s, t, d = keys.shape
+        newest, buffer = t - 1, self._buffer
+        page = newest // self.page_size
+        if self.covered_all != newest or self.clusters is not None or newest < 1:
+            return False
+        if buffer.shape[0] != s or page >= buffer.shape[1]:
+            return False
+        if buffer.is_inference() and not torch.is_inference_mode_enabled():
+            return False
+        if not bool(self._last_rows_unchanged(positions).all()):
+            return False
+        row = keys[:, newest]  # (S, D)
+        bounds = buffer[:, page]  # (S, 2, D), a view of the buffer
+        if newest % self.page_size:  # the row joins its page
+            bounds[:, 0] = self._storable(torch.maximum(bounds[:, 0].float(), row))
+            bounds[:, 1] = self._storable(torch.minimum(bounds[:, 1].float(), row))
+        else:  # the row opens a page
+            bounds[:, 0] = bounds[:, 1] = self._storable(row)
+        self.pages = page + 1
+        self.covered = torch.full_like(self.covered, t)
+        self.last_slot = self.last_slot.new_full((s, 1), newest)
+        self.last_position = positions[:, newest:t].clone()
+        self.covered_all = t
+        return True
 
     def _append_one_row(
         self, keys: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor, pages: int
@@ -219,7 +257,8 @@ class PageIndex:
         if not every_one:  # segments that did not grow keep their bounds
             bounds = torch.where((grown > 0)[:, None, None], bounds, old)
         flat.index_copy_(0, slot, self._storable(bounds.view(s, 2 * d)))
-        self._covers(positions, lengths, pages)
+        every = self.covered_all + 1 if every_one and self.covered_all is not None else None
+        self._covers(positions, lengths, pages, every)
         return True
 
 
@@ -254,6 +293,7 @@ class Select:
     tokens: int | None = None
     index: PageIndex | None = field(default=None, repr=False)
     token_budget: torch.Tensor | None = field(default=None, repr=False)  # (B,) tokens attended per step
+    common_budget: int | None = field(default=None, repr=False)  # token_budget when all share one
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:
@@ -284,6 +324,14 @@ class Select:
             self.token_budget = torch.ceil(prompt_lengths.double() * self.ratio).long().clamp(min=1)
         else:
             self.token_budget = cache_budget.clone()
+        self._note_common_budget()
+
+    def _note_common_budget(self) -> None:
+        if self.token_budget.numel() == 0:
+            self.common_budget = None
+            return
+        low, high = self.token_budget.aminmax()
+        self.common_budget = int(low) if bool(low == high) else None
 
     def invalidate(self) -> None:
         """Rows changed other than by appending (eviction, merge, quantization): rebuild the bounds."""
@@ -294,6 +342,7 @@ class Select:
         """Keep sequences ``indices``; the bounds are rebuilt at the next step."""
         if self.token_budget is not None:
             self.token_budget = self.token_budget[indices]
+            self._note_common_budget()
         self.index = None
 
     def nbytes(self) -> int:
@@ -334,11 +383,11 @@ class Select:
         unfilled slots come last. With ``coarse > 1`` only the pages of the chosen clusters are scored
         (:meth:`candidates`); otherwise every page is.
         """
-        b, h, _, d = query.shape
+        b = query.shape[0]
         s = lengths.numel()
         num_kv_heads = s // b
         pages, count = counts if counts is not None else self.pages_per_segment(lengths, num_kv_heads)
-        q = query.float().view(b, num_kv_heads, h // num_kv_heads, d).reshape(s, -1, d)  # (S, g, D)
+        q = self._group_queries(query, s)  # (S, g, D)
         newest = pages - 1  # (S,)
         if self.coarse > 1:
             clusters, page_of, exists = self.candidates(q, index.clusters, pages, count)  # (S, M) ascending
@@ -361,10 +410,10 @@ class Select:
         ok = torch.cat([torch.ones_like(first, dtype=torch.bool), taken, (newest > 0)[:, None]], dim=1)
         return chosen_pages, ok
 
-    def page_scores(self, q: torch.Tensor, bounds: torch.Tensor, exists: torch.Tensor) -> torch.Tensor:
+    def page_scores(self, q: torch.Tensor, bounds: torch.Tensor, exists: torch.Tensor | None) -> torch.Tensor:
         """(S, P) fp32 score of every page for the group's queries q (S, g, D); ``bounds`` (S, P, 2D) are the
         pages' maxima then minima (:attr:`PageIndex.bounds`), ``exists`` (S, P) marks the pages that hold
-        rows (the others score as they may, never chosen).
+        rows (the others score as they may, never chosen; None: every page holds rows).
 
         Both scores are one product with the bounds: Quest's bound weighs the maxima by ``q+`` and the
         minima by ``q-``, MPCache's by ``alpha q`` and ``(1 - alpha) q``. Summed over the group, the weights
@@ -375,12 +424,12 @@ class Select:
         else:
             weights = torch.cat([self.alpha * q, (1 - self.alpha) * q], dim=-1)
         if self.group == "sum":
-            vector = weights.sum(1)  # (S, 2D): one vector per segment
-            vector = vector / vector.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+            vector = F.normalize(weights.sum(1), dim=-1)  # (S, 2D): one unit vector per segment
             return _matvec(bounds, vector.to(bounds.dtype)).float()
         bounds = bounds.float()
         per_head = torch.einsum("spe,sge->sgp", bounds, weights)  # (S, g, P)
-        best = per_head.masked_fill(~exists[:, None], float("-inf")).amax(dim=-1, keepdim=True)  # (S, g, 1)
+        stored = per_head if exists is None else per_head.masked_fill(~exists[:, None], float("-inf"))
+        best = stored.amax(dim=-1, keepdim=True)  # (S, g, 1)
         relative = (per_head - best).amax(dim=1)  # (S, P): at most 0 on stored pages
         # every head's best page scores exactly 0; these ties go to the oldest page (a positive rank falling
         # with the slot; pages come in ascending order), so a sequence picks the same pages in a padded batch
@@ -424,44 +473,78 @@ class Select:
         exists = taken.repeat_interleave(c, dim=1) & (page_of < pages[:, None])
         return top, page_of, exists
 
-    def gather(
-        self, obs: Observation
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def gather(self, obs: Observation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
         """The rows a one-token step attends to, or None when it attends to every stored row.
 
-        Returns keys and values (B, H_kv, K * page_size, D), their positions (B, H_kv, K * page_size) and
-        validity (bool, same shape; None when every gathered row is a stored row): the rows of the chosen
-        pages, page by page (see :meth:`choose_pages`).
+        Returns keys and values (B, H_kv, W, D) and their validity (B, H_kv, W) bool, or None when every
+        gathered row is a stored row: the rows of the chosen pages, page by page (see :meth:`choose_pages`),
+        the newest page's unfilled slots left out where every segment ends at the same slot.
         """
         b, h_kv, t, d = obs.keys.shape
         s = b * h_kv
-        lengths = obs.key_valid.view(s, t).sum(-1)  # (S,) rows are a prefix of each padded segment
-        pages, count = self.pages_per_segment(lengths, h_kv)
-        if bool((count >= pages).all()):
-            return None
         keys = obs.keys.reshape(s, t, d)
         positions = obs.key_positions.reshape(s, t)
+        if obs.all_keys_valid and self.common_budget is not None and self.coarse == 1:
+            picked = self._rows_when_segments_agree(obs.query, keys, positions)
+        else:
+            picked = self._rows_of_chosen_pages(obs.query, keys, positions, obs.key_valid.view(s, t).sum(-1))
+        if picked is None:
+            return None
+        rows, valid = picked  # (S, W) slots of each segment's rows to read, (S, W) bool or None
+        flat = (rows + t * torch.arange(s, device=keys.device)[:, None]).view(-1)  # (S * W,) packed rows
+        picked_keys = keys.reshape(s * t, d).index_select(0, flat).view(b, h_kv, -1, d)
+        picked_values = obs.values.reshape(s * t, d).index_select(0, flat).view(b, h_kv, -1, d)
+        return picked_keys, picked_values, None if valid is None else valid.view(b, h_kv, -1)
+
+    def _rows_when_segments_agree(
+        self, query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, None] | None:
+        """:meth:`_rows_of_chosen_pages` when every segment holds the same ``T`` rows and attends to the same
+        number of pages (one sequence, or an unpadded batch): the same pages, found with Python counts
+        instead of per-segment tensors, which is most of a long context's step on a CPU."""
+        s, t, _ = keys.shape
+        size, budget = self.page_size, self.common_budget
+        pages = -(-t // size)
+        count = pages if budget >= t else min(max(budget // size, self.min_pages), pages)
+        if count >= pages:
+            return None
+        index = self.index
+        if index is None or not index.append_row(keys, positions):
+            index = self.refresh(keys, positions, torch.full((s,), t, device=keys.device))
+        scores = self.page_scores(self._group_queries(query, s), index.bounds, None)  # (S, P)
+        best = scores[:, 1 : pages - 1].topk(count - 2, dim=-1).indices + 1  # (S, count - 2) best first
+        first, newest = best.new_zeros(s, 1), best.new_full((s, 1), pages - 1)
+        chosen = torch.cat([first, best, newest], dim=1)  # (S, count): the sinks' page, the best, the newest
+        rows = (chosen[..., None] * size + torch.arange(size, device=keys.device)).view(s, -1)
+        return rows[:, : t - (pages - count) * size], None  # the newest page's unfilled slots trail
+
+    def _rows_of_chosen_pages(
+        self, query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Slots (S, W) of the rows each segment reads and their validity (S, W) (None: all valid), or None
+        when every segment attends to every row; keys (S, T, D), positions (S, T), lengths (S,)."""
+        t = keys.shape[1]
+        pages, count = self.pages_per_segment(lengths, lengths.numel() // query.shape[0])
+        if bool((count >= pages).all()):
+            return None
         index = self.refresh(keys, positions, lengths)
-        chosen_pages, chosen = self.choose_pages(obs.query, index, lengths, (pages, count))  # (S, K)
+        chosen_pages, chosen = self.choose_pages(query, index, lengths, (pages, count))  # (S, K)
         rows = chosen_pages[..., None] * self.page_size + torch.arange(self.page_size, device=keys.device)
-        rows = rows.view(s, -1)  # (S, K * page_size)
+        rows = rows.view(lengths.numel(), -1)  # (S, K * page_size)
         valid = chosen.repeat_interleave(self.page_size, dim=1) & (rows < lengths[:, None])
         width = valid.sum(-1)  # (S,) rows attended per segment
         if bool((width == width[0]).all()) and bool(valid[:, : int(width[0])].all()):
             # every segment reads a prefix of its slots (the newest page's unfilled slots trail): drop the
             # tail and attend without a mask
-            rows, valid = rows[:, : int(width[0])], None
-        segment = t * torch.arange(s, device=keys.device)[:, None]
-        flat = (rows.clamp(max=t - 1) + segment).reshape(-1)  # (S * K,) into the packed (S * T) rows
-        picked_keys = keys.reshape(s * t, d).index_select(0, flat).view(b, h_kv, -1, d)
-        picked_values = obs.values.reshape(s * t, d).index_select(0, flat).view(b, h_kv, -1, d)
-        picked_positions = positions.reshape(-1).index_select(0, flat).view(b, h_kv, -1)
-        return (
-            picked_keys,
-            picked_values,
-            picked_positions,
-            None if valid is None else valid.view(b, h_kv, -1),
-        )
+            return rows[:, : int(width[0])], None
+        return rows.clamp(max=t - 1), valid
+
+    @staticmethod
+    def _group_queries(query: torch.Tensor, segments: int) -> torch.Tensor:
+        """(B, H, 1, D) -> (S, g, D) fp32: the query heads of each segment's GQA group."""
+        b, h, _, d = query.shape
+        num_kv_heads = segments // b
+        return query.float().view(b, num_kv_heads, h // num_kv_heads, d).reshape(segments, -1, d)
 
 
 def selection_budget_text(ratio: float | None, tokens: int | None) -> str:

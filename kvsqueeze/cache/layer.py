@@ -337,7 +337,7 @@ class SqueezeLayer(CacheLayerMixin):
         if self._selects(obs):
             picked = self.components.select.gather(obs)
             if picked is not None:  # attend to the chosen pages' rows only
-                keys, values, positions, valid = picked  # (B, H_kv, K, D), ..., (B, H_kv, K) or None
+                keys, values, valid = picked  # (B, H_kv, K, D), (B, H_kv, K, D), (B, H_kv, K) or None
                 # one query per sequence, the newest: every stored row of a full-attention layer is visible
                 mask = None
                 if valid is not None and not bool(valid.all()):
