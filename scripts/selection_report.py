@@ -42,6 +42,7 @@ SELECTING = (
     MethodSpec("quest", {"group": "max"}),
     MethodSpec("quest", {"page_size": 8}),
     MethodSpec("quest", {"page_size": 4}),
+    MethodSpec("quest", {"page_size": 4, "bounds_dtype": "float32"}),  # run when fp32 was the default
     MethodSpec("mpcache"),
 )
 SELECTING_LABELS = tuple(spec.label for spec in SELECTING)
@@ -50,6 +51,8 @@ GRID = ROOT / "docs" / "bench"  # the published grid: eviction methods, sample 0
 EVICTION = ("snapkv", "pyramidkv", "h2o", "knorm", "streaming_llm", "random")
 QUERY_AGNOSTIC = ("kvzip", "kvzap")
 COMMAND = ".venv/bin/python scripts/selection_report.py --samples {samples} --write"
+# the rows' tok/s columns depend on the threads their records ran with: 1, except this row
+THREADS_NOTE = "`quest(page_size=4)` ran with `--threads 2`, so its prefill and decode tok/s read higher"
 
 
 def config(methods: tuple[MethodSpec | str, ...], samples: int) -> BenchConfig:
@@ -150,7 +153,7 @@ def main() -> None:
     tasks = sorted({r["task"] for r in records if r["method"] in SELECTING_LABELS})
     command = COMMAND.format(samples=args.samples) + (f" --methods '{args.methods}'" if args.methods else "")
     lines = [
-        f"Model `{MODEL}` (fp32, {args.threads} CPU thread), {LENGTH}-token contexts, query-agnostic (the "
+        f"Model `{MODEL}` (fp32, 1 CPU thread; {THREADS_NOTE}), {LENGTH}-token contexts, query-agnostic (the "
         f"question after compression), seed 0, `pydocs` haystack. Command: `{command}` (resumable; "
         f"`{COMMAND.format(samples=1)}` ran the rows that hold 1 sample). The selecting rows hold "
         f"{', '.join(map(str, counts)) or 'no'} sample(s) per task on {len(tasks)} of {len(TASKS)} tasks. "
@@ -164,8 +167,10 @@ def main() -> None:
         "`quest(group=max)` scores a page for a KV head by its best query head's bound, relative to that "
         "head's best page, instead of the sum over the group; `quest(page_size=8)` and `quest(page_size=4)` "
         "bound pages of 8 and 4 tokens instead of 16. Page bounds are stored in fp16 since commit c11a771; the "
-        "rows run before it (`quest`, `quest(group=max)`, `quest(page_size=4)`, `mpcache`) stored them in fp32, "
-        "which their bytes / full count (fp16 bounds take half as many bytes). A row holding fewer samples than "
+        "rows run before it (`quest`, `quest(group=max)`, `mpcache`, and "
+        "`quest(bounds_dtype=float32,page_size=4)`, which is `quest(page_size=4)` as it ran then) stored them "
+        "in fp32, which their bytes / full count (fp16 bounds take half as many bytes). A row holding fewer "
+        "samples than "
         "asked was stopped before the end (`samples per task` says which); its records are kept and resume.",
         "",
         *selection_lines(records),

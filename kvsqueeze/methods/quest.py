@@ -13,10 +13,10 @@ densely too, as Quest's prefill does; sliding-window layers (Gemma 3) attend den
 Page size trades accuracy for speed. On the 4k suite (Qwen2.5-Coder-0.5B, query-agnostic, keep 0.25, 3 samples
 per task) 16-token pages score 11 points under the full cache, all of it on kv_retrieval (a uuid is copied
 right for 5 to 12 characters, then drifts) and common_words; ``page_size=4`` is 0.3 under, at KL 0.010 against
-0.187; ``page_size=8`` is 6.7 under (kv_retrieval and common_words again). A step reads every page's bounds (fp16: a quarter of an fp32
-cache's key bytes at page 4) and the chosen rows: at 16k tokens and 10% selected, 0.45x the full cache's
-attention time per step with 4-token pages, 0.40x with 8 and 0.36x with 16 (docs/RESULTS.md, blocks
-selection and selection_speed).
+0.187; ``page_size=8`` is 6.7 under (kv_retrieval and common_words again). A step reads every page's
+bounds (fp16: half an fp32 cache's key bytes at page 4) and the chosen rows: at 16k tokens and 10% selected,
+0.36x the full cache's attention time per step with 4-token pages, 0.32x with 8 and 0.29x with 16
+(docs/RESULTS.md, blocks selection and selection_speed). The default stays the paper's 16.
 
 The budget is the tokens each step attends to: a ratio of the prompt or a token count (the cache's
 budget, or ``select_ratio`` / ``select_tokens``, which composed methods need: ``snapkv+quest`` evicts to
