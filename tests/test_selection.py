@@ -197,7 +197,6 @@ def test_page_bounds_stay_current_as_rows_are_appended():
     assert torch.equal(index.kmin, fresh.kmin) and torch.equal(index.kmax, fresh.kmax)
 
 
-
 def test_in_place_append_when_segments_agree_matches_a_rebuild():
     """The decode step's shortcut (every segment holds T rows, the bounds cover T - 1) gives the bounds a
     rebuild gives, across page boundaries; it declines when the bounds are not one row behind."""
@@ -214,6 +213,7 @@ def test_in_place_append_when_segments_agree_matches_a_rebuild():
     ragged = PageIndex(PAGE)
     ragged.refresh(keys, positions, torch.tensor([40, 39, 40]))
     assert ragged.covered_all is None and not ragged.append_row(keys, positions)
+
 
 class _Attention(torch.nn.Module):
     """What SDPA reads of an attention module."""
