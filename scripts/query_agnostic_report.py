@@ -28,7 +28,7 @@ import torch
 
 import kvsqueeze
 from kvsqueeze.bench import TASKS
-from kvsqueeze.bench.report import markdown_table, mean_of, paired_table, replace_block
+from kvsqueeze.bench.report import markdown_table, mean_of, paired_table, parse_stages, replace_block
 from kvsqueeze.bench.runner import BenchConfig, MethodSpec, load_records, run_bench
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -188,7 +188,7 @@ def main() -> None:
         help="run only these of the stage's rows now, by label (`kvzip(window=16)`; comma list; default: all)",
     )
     args = parser.parse_args()
-    stages = [s for s in args.stages.split(",") if s]
+    stages = parse_stages(args.stages, STAGES)
     target = TARGETS[args.model]
     for setting in ("query_agnostic", "query_aware"):
         if setting in stages:

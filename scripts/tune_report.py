@@ -28,7 +28,7 @@ import torch
 
 import kvsqueeze
 from kvsqueeze.bench import TASKS
-from kvsqueeze.bench.report import markdown_table, paired_table, replace_block
+from kvsqueeze.bench.report import markdown_table, paired_table, parse_stages, replace_block
 from kvsqueeze.bench.runner import BenchConfig, MethodSpec, load_records, run_bench
 from kvsqueeze.cli.main import main as cli
 from kvsqueeze.tune.evolution import describe_search
@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="replace the tune block in docs/RESULTS.md")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)}")
     args = parser.parse_args()
-    stages = [s for s in args.stages.split(",") if s]
+    stages = parse_stages(args.stages, STAGES)
     PROFILES.mkdir(parents=True, exist_ok=True)
     if "tune" in stages and not TUNED.exists():
         cli(["tune", "--model", MODEL, "--method", "snapkv", "--budget", f"{BUDGET:g}", "--out", str(TUNED)])
