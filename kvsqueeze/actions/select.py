@@ -28,15 +28,14 @@ The page summaries are kept up to date as rows are appended: a decode step folds
 bounds in place; after several rows, the pages from the oldest changed one on are recomputed. When every
 segment holds the same rows and budget (one sequence, an unpadded batch), a step's bookkeeping runs on Python
 counts instead of per-segment tensors (:meth:`Select._rows_when_segments_agree`, the same pages): at long
-contexts on a CPU the hundred small tensor ops it saves cost as much as the attention over the chosen rows. Anything else
-that changes rows (an eviction, a merge, quantization) marks them stale and they are rebuilt. They are
-stored in half precision (``bounds_dtype``): ranking pages needs no more (the brute-force reference tests
-pick the same pages with fp16 and fp32 bounds), and a long context's step reads every bound from memory, so
-half the bytes is about half the scoring time. The query is scaled to unit norm first, so an fp16 score
-cannot overflow. Their bytes are counted with the cache's
-(:meth:`Select.nbytes`): a selecting cache holds every row plus ``2 / page_size`` of its keys' count in
-fp16 bounds (``1 / page_size`` of an fp32 cache's key bytes; ``1 / (page_size * coarse)`` more for the
-clusters' bounds).
+contexts on a CPU the hundred small tensor ops it saves cost as much as the attention over the chosen rows.
+Anything else that changes rows (an eviction, a merge, quantization) marks them stale and they are rebuilt.
+They are stored in half precision (``bounds_dtype``): ranking pages needs no more (the brute-force
+reference tests pick the same pages with fp16 and fp32 bounds), and a long context's step reads every bound
+from memory, so half the bytes is about half the scoring time. The query is scaled to unit norm first, so an
+fp16 score cannot overflow. Their bytes are counted with the cache's (:meth:`Select.nbytes`): a selecting
+cache holds every row plus ``2 / page_size`` of its keys' count in fp16 bounds (``1 / page_size`` of an fp32
+cache's key bytes; ``1 / (page_size * coarse)`` more for the clusters' bounds).
 
 Plain PyTorch: no transformers import.
 """
@@ -505,6 +504,7 @@ class Select:
         s, t, _ = keys.shape
         size, budget = self.page_size, self.common_budget
         pages = -(-t // size)
+        # pages_per_segment's rule, on one count
         count = pages if budget >= t else min(max(budget // size, self.min_pages), pages)
         if count >= pages:
             return None
