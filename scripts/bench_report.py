@@ -266,7 +266,7 @@ def report(args: argparse.Namespace) -> None:
 
         for setting in KVPRESS_SETTINGS:
             pressed = dataclasses.replace(bench[setting], tasks=tasks)
-            run_kvpress_baseline(model, tokenizer, pressed, OUT, MODEL)
+            run_kvpress_baseline(tokenizer, pressed, OUT, MODEL)
     records = [record for setting in SETTINGS for record in load_records(bench[setting], OUT)]
     pressed, failures = kvpress_results()
     records += pressed

@@ -12,8 +12,10 @@ docs/bench/smollm2-135m; Qwen2.5-Coder-1.5B runs at 2048 tokens in bfloat16 into
 docs/bench/qwen2.5-coder-1.5b/bfloat16, beside its quantization rows' full-cache records
 (``--model qwen2.5-coder-1.5b --stages query_agnostic --methods kvzap``). Records are rewritten after every
 sample, so an interrupted run resumes and nothing is computed twice. Stages: ``query_agnostic`` (kvzip and
-kvzap at 0.1 and 0.25), ``kvpress`` (kvpress's KVzip on the same samples, its own venv), ``query_aware``
-(kvzip, kvzap and SnapKV with the question inside the compressed prompt).
+kvzap at 0.1 and 0.25), ``kvpress`` (kvpress's KVzip on the same samples, its own venv, float32),
+``query_aware`` (kvzip, kvzap, SnapKV and CAKE with the question inside the compressed prompt) and
+``kvpress_query_aware`` (kvpress's KVzip there). kvpress's records hold each sample's score, so its rows are
+paired with ours sample by sample.
 """
 
 from __future__ import annotations
@@ -74,9 +76,10 @@ TARGETS = {
 }
 REPEAT_SAMPLES = 3
 BUDGETS = (0.1, 0.25)
-STAGES = ("query_agnostic", "kvpress", "query_aware")
+STAGES = ("query_agnostic", "kvpress", "query_aware", "kvpress_query_aware")
+KVPRESS_STAGES = {"kvpress": "query_agnostic", "kvpress_query_aware": "query_aware"}
 # query-aware also runs kvzip with a recent window at 0.1, where a replay scores the question like any context
-# and evicts it
+# and evicts it, and cake, the grid's best query-aware eviction method (the bench block), on the same samples
 ROWS = {
     "query_agnostic": (MethodSpec("kvzip"), MethodSpec("kvzap")),
     "query_aware": (
@@ -84,6 +87,7 @@ ROWS = {
         MethodSpec("kvzip", {"window": 16}, budgets=(0.1,)),
         MethodSpec("kvzap"),
         MethodSpec("snapkv"),
+        MethodSpec("cake"),
     ),
 }
 
@@ -113,9 +117,9 @@ def records_folder(target: Target, setting: str) -> Path:
     return target.out if name == "float32" else target.out / name
 
 
-def kvpress_records(target: Target) -> list[dict]:
+def kvpress_records(target: Target, setting: str) -> list[dict]:
     records = []
-    for path in sorted((target.out / "kvpress" / "query_agnostic").rglob(f"{target.length}.json")):
+    for path in sorted((target.out / "kvpress" / setting).rglob(f"{target.length}.json")):
         records += [r for r in json.loads(path.read_text())["records"] if r["method"] == "kvzip"]
     return records
 
@@ -198,13 +202,21 @@ def main() -> None:
                 chosen = set(args.methods.split(","))
                 rows = dataclasses.replace(rows, methods=[m for m in rows.methods if m.label in chosen])
             run_bench(model, tokenizer, rows, records_folder(target, setting), model_name=args.model)
-    if "kvpress" in stages:  # in kvpress's venv, float32; our model only tokenizes
-        from kvsqueeze.bench.baseline import run_kvpress_baseline
+    for stage, setting in KVPRESS_STAGES.items():
+        if stage in stages:  # in kvpress's venv, float32; here only the tokenizer is needed
+            from transformers import AutoTokenizer
 
-        model, tokenizer = kvsqueeze.load_model(args.model)
-        run_kvpress_baseline(
-            model, tokenizer, config("query_agnostic", target), target.out, args.model, presses=("kvzip",)
-        )
+            from kvsqueeze.bench.baseline import model_folder, run_kvpress_baseline
+
+            tokenizer = AutoTokenizer.from_pretrained(model_folder(args.model))
+            run_kvpress_baseline(
+                tokenizer,
+                config(setting, target),
+                target.out,
+                args.model,
+                presses=("kvzip",),
+                teachers_in=records_folder(target, setting),
+            )
     command = COMMAND if target.block == "query_agnostic" else f"{COMMAND} --model {args.model}"
     lines = [
         f"Model `{args.model}`, {target.length}-token contexts, samples 0 to "
@@ -212,14 +224,13 @@ def main() -> None:
         f"{', '.join(f'{b:g}' for b in BUDGETS)}. Command: `{command}` (resumable from its run records)."
         + (
             " kvpress's KVzip rows ran on the same samples in kvpress's own venv (they mask evicted keys)."
-            if kvpress_records(target)
+            if kvpress_records(target, "query_agnostic") or kvpress_records(target, "query_aware")
             else ""
         ),
     ]
     for setting in ("query_agnostic", "query_aware"):
         records = load_records(config(setting, target), records_folder(target, setting))
-        if setting == "query_agnostic":
-            records += kvpress_records(target)
+        records += kvpress_records(target, setting)
         if not any(r["method"] != "full" for r in records):
             lines += ["", f"### {setting}", "", f"_not run yet: `--stages {setting}`_"]
             continue
@@ -247,7 +258,16 @@ def main() -> None:
                     "",
                     paired_table(same, baseline=f"snapkv @ {budget:g}"),
                 ]
-        if setting == "query_agnostic" and target.block == "query_agnostic":
+        theirs = {r["budget"] for r in records if r.get("source") == "kvpress" and r.get("samples")}
+        for budget in sorted(theirs):  # the issue's: ahead of kvpress's KVzip on the same samples
+            same = [r for r in records if r["method"] != "full" and r["budget"] == budget]
+            lines += [
+                "",
+                f"Against kvpress's KVzip (float32) at keep {budget:g}, sample by sample:",
+                "",
+                paired_table(same, baseline=f"kvpress kvzip @ {budget:g}"),
+            ]
+        if setting == "query_agnostic" and target.block == "query_agnostic" and not theirs:
             zero = sample_zero_lines(records)
             if zero:
                 lines += [

@@ -215,6 +215,11 @@ def test_paired_table_compares_rows_on_the_samples_both_ran():
     # differences 0, -100, +100, -50: mean -12.5, sample standard deviation 85.4, over sqrt(4)
     assert lines[2] == "| `quant` | 4 | -12.5 | 42.7 | 2 | 1 | 0.500 |"
     assert paired_table(records[2:]) == "_no full records to pair with_"
+    # another source's row (kvpress) keeps its own name, so it neither merges with ours nor replaces it
+    theirs = {**record("quant", "a", [0.0, 0.0, 0.0]), "source": "kvpress", "budget": 0.25}
+    lines = paired_table([*records, theirs]).splitlines()
+    assert lines[2] == "| `kvpress quant @ 0.25` | 3 | -66.7 | 33.3 | 2 | 0 | 0.500 |"
+    assert lines[3] == "| `quant` | 4 | -12.5 | 42.7 | 2 | 1 | 0.500 |"
 
 
 def test_more_samples_compute_only_the_new_ones(model_and_tokenizer, tmp_path):

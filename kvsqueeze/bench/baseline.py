@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from kvsqueeze.bench.kvpress_env import KVPRESS_PRESSES, run_kvpress
 from kvsqueeze.bench.report import mean_of
@@ -43,7 +43,6 @@ def model_folder(name: str | None) -> Path:
 
 
 def run_kvpress_baseline(
-    model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     config: BenchConfig,
     out: Path,
@@ -51,8 +50,13 @@ def run_kvpress_baseline(
     *,
     samples_for: Callable[[str, int], list[Sample]] | None = None,
     presses: tuple[str, ...] = DEFAULT_PRESSES,
+    teachers_in: Path | None = None,
 ) -> list[dict]:
-    """Run kvpress on every (setting, task, length) of ``config``; cached per group under ``out``."""
+    """Run kvpress on every (setting, task, length) of ``config``; cached per group under ``out``.
+
+    The full cache's continuations that KL is measured over come from kvsqueeze's full-cache run records in
+    ``teachers_in`` (default ``out``); without them kvpress's rows carry no KL.
+    """
     folder = model_folder(model_name)
     make_samples = samples_for or generated_samples(config, tokenizer)
     records: list[dict] = []
@@ -61,9 +65,9 @@ def run_kvpress_baseline(
             for length in config.lengths:
                 path = out / "kvpress" / setting / task / f"{length}.json"
                 if not path.exists():
-                    result = _run_group(
-                        folder, config, out, setting, task, length, make_samples(task, length), presses
-                    )
+                    samples = make_samples(task, length)
+                    teachers = _teacher_ids(teachers_in or out, setting, task, length)
+                    result = _run_group(folder, config, setting, task, length, samples, teachers, presses)
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps(result, indent=1))
                 records.extend(json.loads(path.read_text())["records"])
@@ -73,14 +77,13 @@ def run_kvpress_baseline(
 def _run_group(
     folder: Path,
     config: BenchConfig,
-    out: Path,
     setting: str,
     task: str,
     length: int,
     samples: list[Sample],
+    teachers: dict[str, list[int]],
     presses: tuple[str, ...],
 ) -> dict:
-    teachers = _teacher_ids(out, setting, task, length)
     requests = [
         {
             "id": f"{task}-{length}-{i}",
@@ -152,6 +155,17 @@ def _run_group(
                 ),
                 "prefill_shared": any(r.get("prefill_shared") for r in rows),
                 "errors": [],
+                # per sample, so a kvsqueeze row can be paired with this one (kvsqueeze.bench.report)
+                "samples": [
+                    {
+                        "sample_id": r["id"],
+                        "prediction": r["prediction"],
+                        "score": score,
+                        "kl": r.get("kl"),
+                        "top1": r.get("top1_agreement"),
+                    }
+                    for r, score in zip(rows, scores, strict=True)
+                ],
             }
         )
     errors = [row for row in result["rows"] if row.get("error")]

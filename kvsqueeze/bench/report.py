@@ -119,9 +119,11 @@ def paired_table(records: list[dict], baseline: str = "full") -> str:
     samples: dict[str, dict[str, dict]] = defaultdict(dict)  # row -> sample id -> sample
     for record in records:
         budget = record.get("budget", 1.0)
-        # one row per keep ratio
+        # one row per keep ratio; another source's rows are named after it (`kvpress kvzip @ 0.25`)
         row = record["method"] if budget == 1 else f"{record['method']} @ {budget:g}"
-        for sample in record.get("samples", ()):  # kvpress records hold averages only
+        if record.get("source", "kvsqueeze") != "kvsqueeze":
+            row = f"{record['source']} {row}"
+        for sample in record.get("samples", ()):  # kvpress records from before 2026-12-07 hold averages only
             samples[row][sample["sample_id"]] = sample
     if baseline not in samples:
         return f"_no {baseline} records to pair with_"

@@ -246,7 +246,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.baseline == "kvpress":
         from kvsqueeze.bench.baseline import run_kvpress_baseline
 
-        records += run_kvpress_baseline(model, tokenizer, config, out, args.model, samples_for=samples_for)
+        records += run_kvpress_baseline(tokenizer, config, out, args.model, samples_for=samples_for)
     tables = [f"## {s}\n\n{markdown_table(records, s)}" for s in settings]
     (out / "results.md").write_text("# kvsqueeze bench\n\n" + "\n\n".join(tables) + "\n")
     plots = plot_results(records, out / "plots")
