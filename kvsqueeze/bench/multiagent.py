@@ -58,9 +58,9 @@ def make_queries(
 ) -> list[Query]:
     """``num_queries`` documents of about ``doc_words`` words of prose, each with ``facts`` access codes of
     distinct projects at random sentence boundaries (in the first 80% of the text), and a question about
-    one of them. With ``tokenizer``, project names are words the tokenizer holds as one token. With ``tokenizer`` and ``doc_tokens``, each document is cut to exactly ``doc_tokens``
-    tokens, as a retrieval corpus is chunked (a draw whose cut text does not re-tokenize to that length is
-    drawn again)."""
+    one of them. With ``tokenizer``, project names are words the tokenizer holds as one token. With
+    ``tokenizer`` and ``doc_tokens``, each document is cut to exactly ``doc_tokens`` tokens, as a retrieval
+    corpus is chunked (a draw whose cut text does not re-tokenize to that length is drawn again)."""
     rng = random.Random(seed)
     haystack = Haystack.load("pydocs", 200_000)
     names = sorted({n.capitalize() for n in NOUNS})
