@@ -14,8 +14,9 @@ docs/bench/qwen2.5-coder-1.5b/bfloat16, beside its quantization rows' full-cache
 sample, so an interrupted run resumes and nothing is computed twice. Stages: ``query_agnostic`` (kvzip and
 kvzap at 0.1 and 0.25), ``kvpress`` (kvpress's KVzip on the same samples, its own venv, float32),
 ``query_aware`` (kvzip, kvzap, SnapKV and CAKE with the question inside the compressed prompt) and
-``kvpress_query_aware`` (kvpress's KVzip there). kvpress's records hold each sample's score, so its rows are
-paired with ours sample by sample.
+``kvpress_query_aware`` (kvpress's KVzip there), and ``equal_bytes`` (query-agnostic at about a tenth of a
+bfloat16 cache's bytes: kvzap at keep 0.1 beside kvzap at 0.4 quantized by ZipCache). kvpress's records hold
+each sample's score, so its rows are paired with ours sample by sample.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ TARGETS = {
 }
 REPEAT_SAMPLES = 3
 BUDGETS = (0.1, 0.25)
-STAGES = ("query_agnostic", "kvpress", "query_aware", "kvpress_query_aware")
+STAGES = ("query_agnostic", "kvpress", "query_aware", "kvpress_query_aware", "equal_bytes")
 KVPRESS_STAGES = {"kvpress": "query_agnostic", "kvpress_query_aware": "query_aware"}
 # query-aware also runs kvzip with a recent window at 0.1, where a replay scores the question like any context
 # and evicts it, and cake, the grid's best query-aware eviction method (the bench block), on the same samples
@@ -90,6 +91,9 @@ ROWS = {
         MethodSpec("cake"),
     ),
 }
+# Query-agnostic at about a tenth of a bfloat16 cache's bytes, two ways: evict to 10%, or evict to 40% and
+# quantize what stays with ZipCache (about 0.24x its bytes); bfloat16, so bytes / full is against bf16 rows
+EQUAL_BYTES = (MethodSpec("kvzap", budgets=(0.1,)), MethodSpec("kvzap+zipcache", budgets=(0.4,)))
 
 
 def config(setting: str, target: Target) -> BenchConfig:
@@ -104,6 +108,10 @@ def config(setting: str, target: Target) -> BenchConfig:
         settings=[setting],
         fidelity_tokens=64,
     )
+
+
+def equal_bytes_config(target: Target) -> BenchConfig:
+    return dataclasses.replace(config("query_agnostic", target), methods=list(EQUAL_BYTES))
 
 
 def dtype_name(target: Target, setting: str) -> str:
@@ -202,6 +210,11 @@ def main() -> None:
                 chosen = set(args.methods.split(","))
                 rows = dataclasses.replace(rows, methods=[m for m in rows.methods if m.label in chosen])
             run_bench(model, tokenizer, rows, records_folder(target, setting), model_name=args.model)
+    if "equal_bytes" in stages:
+        model, tokenizer = kvsqueeze.load_model(args.model, dtype=BF16)
+        run_bench(
+            model, tokenizer, equal_bytes_config(target), target.out / "bfloat16", model_name=args.model
+        )
     for stage, setting in KVPRESS_STAGES.items():
         if stage in stages:  # in kvpress's venv, float32; here only the tokenizer is needed
             from transformers import AutoTokenizer
@@ -277,6 +290,24 @@ def main() -> None:
                     "",
                     *zero,
                 ]
+    equal = load_records(equal_bytes_config(target), target.out / "bfloat16")
+    if any(r["method"] != "full" for r in equal):
+        lines += [
+            "",
+            "### query_agnostic at about 0.1x the bytes",
+            "",
+            "Evict to 10%, or keep 40% and quantize it (ZipCache), both in bfloat16, so `bytes / full` is "
+            f"against a bfloat16 cache (run records in `{(target.out / 'bfloat16').relative_to(ROOT)}`; "
+            f"`--stages equal_bytes`). " + sample_counts(equal),
+            "",
+            markdown_table(equal, "query_agnostic"),
+            "",
+            "Sample by sample against the full cache, and against kvzap at keep 0.1:",
+            "",
+            paired_table(equal),
+            "",
+            paired_table(equal, baseline="kvzap @ 0.1"),
+        ]
     body = "\n".join(lines)
     print(body)
     if args.write:
