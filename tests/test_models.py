@@ -30,6 +30,7 @@ from kvsqueeze.models import (
     locate_part,
     models_cache_dir,
     packaged,
+    packaged_hf_folder,
     resolve_model_path,
     tiny_config,
     tiny_model,
@@ -310,6 +311,24 @@ def test_packaged_load_saves_and_reuses_hf_folder(tmp_path, isolated_cache, monk
     assert half.dtype == torch.bfloat16
     load_model("smollm2-135m", progress=False, use_hf_cache=False)
     assert len(gguf_loads) == 2
+
+
+def test_packaged_hf_folder_is_built_once_for_tools_that_load_by_path(tmp_path, isolated_cache, monkeypatch):
+    """kvpress's stage loads only a tokenizer: the folder must exist without a ``load_model`` first."""
+    gguf_loads = []
+
+    def fake_gguf(path, dtype, attn_implementation):
+        gguf_loads.append(dtype)
+        return tiny_model("llama", seed=3), _word_tokenizer()
+
+    monkeypatch.setattr(loading, "resolve_model_path", lambda model, progress: tmp_path / "x.gguf")
+    monkeypatch.setattr(loading, "_load_gguf", fake_gguf)
+    folder = packaged_hf_folder("smollm2-135m", progress=False)
+    assert folder == isolated_cache / "models" / "smollm2-135m-hf" and (folder / "config.json").is_file()
+    assert packaged_hf_folder("SmolLM2-135M", progress=False) == folder
+    assert gguf_loads == [torch.float32]
+    with pytest.raises(ValueError, match="unknown model"):
+        packaged_hf_folder("no-such-model")
 
 
 def test_failed_hf_save_warns_and_carries_on(tmp_path, isolated_cache, monkeypatch, caplog):

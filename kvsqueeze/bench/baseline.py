@@ -25,17 +25,11 @@ DEFAULT_PRESSES = tuple(KVPRESS_PRESSES)
 
 
 def model_folder(name: str | None) -> Path:
-    """The HF folder kvpress loads: a packaged alias's dequantized folder, or a local HF folder."""
-    from kvsqueeze.models import DEFAULT_MODEL, find_packaged, models_cache_dir
+    """The HF folder kvpress loads: a packaged alias's dequantized folder (built once), or a local HF folder."""
+    from kvsqueeze.models import DEFAULT_MODEL, find_packaged, packaged_hf_folder
 
-    packaged = find_packaged(name or DEFAULT_MODEL)
-    if packaged is not None:
-        folder = models_cache_dir() / f"{packaged.alias}-hf"
-        if (folder / "config.json").exists():
-            return folder
-        raise ValueError(
-            f"no HF folder for {packaged.alias} yet: load it once with kvsqueeze.load_model first"
-        )
+    if find_packaged(name or DEFAULT_MODEL) is not None:
+        return packaged_hf_folder(name or DEFAULT_MODEL)
     folder = Path(name)
     if (folder / "config.json").exists():
         return folder

@@ -183,6 +183,24 @@ def _save_hf_cache(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def packaged_hf_folder(name: str, *, progress: bool = True) -> Path:
+    """The HF folder (float32 safetensors + tokenizer) of packaged model ``name``, for tools that load by
+    path (kvpress's pipeline, vLLM). Built from the verified GGUF the first time, as ``load_model`` does."""
+    packaged = find_packaged(name)
+    if packaged is None:
+        raise _unknown(name)
+    folder = _hf_cache_folder(packaged)
+    if not _hf_cache_valid(folder, packaged):
+        with _quiet_progress(progress):
+            model, tokenizer = _load_gguf(
+                resolve_model_path(packaged, progress=progress), torch.float32, None
+            )
+        _save_hf_cache(model, tokenizer, packaged, folder)
+        if not _hf_cache_valid(folder, packaged):
+            raise ValueError(f"could not save {packaged.alias} as an HF folder in {folder} (see the warning)")
+    return folder
+
+
 def _load_packaged(
     packaged: PackagedModel,
     *,
