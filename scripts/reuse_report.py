@@ -65,6 +65,7 @@ def body_of(args: argparse.Namespace, result: dict, doc_tokens: list[int], out: 
         f"--agents {args.agents} --doc-words {args.doc_words} --doc-tokens {args.doc_tokens} --seed {args.seed}"
         + ("" if args.header == SYSTEM_HEADER else f" --header {args.header!r}")
         + ("" if args.policies == ",".join(POLICIES) else f" --policies {args.policies}")
+        + ("" if out == default_out(args.model) else f" --out {relative(out)}")
     )
     extension = [
         "`plain(recompute_tail=N)` and `kvcomm(recompute_tail=N)` reuse the prompt up to the document (its last "
@@ -81,8 +82,7 @@ def body_of(args: argparse.Namespace, result: dict, doc_tokens: list[int], out: 
             f"agents with different roles x {args.queries} queries = {len(prompt_tokens)} prompts per policy; "
             f"documents {min(doc_tokens)}-{max(doc_tokens)} tokens (prose cut to a fixed length, as a chunked "
             f"corpus), prompts {min(prompt_tokens)}-{max(prompt_tokens)} tokens; agent k reads the document, the "
-            f"question and agents 1..k-1's answers. Command: `{command}` (records in "
-            f"`{out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}`).",
+            f"question and agents 1..k-1's answers. Command: `{command}` (records in `{relative(out)}`).",
             f"Stored segments are computed after the header {json.dumps(args.header)} (then dropped); an agent's "
             "answer, as later agents read it, is its first sentence.",
             *extension,
@@ -154,6 +154,19 @@ def published_names(model: str) -> tuple[str, str]:
     return ("multiagent.json", "reuse") if model == "smollm2-135m" else (f"{model}.json", f"reuse_{model}")
 
 
+def default_out(model: str) -> Path:
+    return ROOT / "docs" / "bench" / "reuse" / published_names(model)[0]
+
+
+def block_of(model: str, out: Path) -> str:
+    """The RESULTS block a run writes: its model's, or one named after its records file when --out moved them."""
+    return published_names(model)[1] if out == default_out(model) else f"reuse_{out.stem}"
+
+
+def relative(path: Path) -> Path:
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -174,14 +187,16 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
-        "--out", help="records (default: docs/bench/reuse/multiagent.json for SmolLM2, else <model>.json)"
+        "--out",
+        help="records (default: docs/bench/reuse/multiagent.json for SmolLM2, else <model>.json); a run moved "
+        "elsewhere writes its own RESULTS block, named after the file",
     )
     parser.add_argument("--write", action="store_true")
     parser.add_argument(
         "--render", action="store_true", help="rebuild the block from the records in --out (no model run)"
     )
     args = parser.parse_args()
-    out = Path(args.out or ROOT / "docs" / "bench" / "reuse" / published_names(args.model)[0])
+    out = Path(args.out).resolve() if args.out else default_out(args.model)
     if args.render:
         saved = json.loads(out.read_text())
         args = argparse.Namespace(**{**saved["args"], "write": args.write, "out": str(out)})
@@ -212,7 +227,7 @@ def main() -> None:
         body = body_of(args, result, doc_tokens, out, wall)
     print(body)
     if args.write:
-        replace_block(ROOT / "docs" / "RESULTS.md", published_names(args.model)[1], body)  # args as saved
+        replace_block(ROOT / "docs" / "RESULTS.md", block_of(args.model, out), body)  # args as saved
 
 
 if __name__ == "__main__":
