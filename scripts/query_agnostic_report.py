@@ -192,6 +192,17 @@ def overhead_lines(records: list[dict]) -> list[str]:
     return lines
 
 
+def against(records: list[dict], budget: float, row: str, name: str) -> list[str]:
+    """Every row at keep ``budget`` paired sample by sample with row ``row`` (shown as ``name``) there."""
+    same = [r for r in records if r["method"] != "full" and r["budget"] == budget]
+    return [
+        "",
+        f"Against {name} at keep {budget:g}, sample by sample:",
+        "",
+        paired_table(same, baseline=f"{row} @ {budget:g}"),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -270,22 +281,10 @@ def main() -> None:
         ]
         if setting == "query_aware":  # the issue's query-aware target: not below snapkv at any ratio
             for budget in BUDGETS:
-                same = [r for r in records if r["method"] != "full" and r["budget"] == budget]
-                lines += [
-                    "",
-                    f"Against snapkv at keep {budget:g}, sample by sample:",
-                    "",
-                    paired_table(same, baseline=f"snapkv @ {budget:g}"),
-                ]
+                lines += against(records, budget, "snapkv", "snapkv")
         theirs = {r["budget"] for r in records if r.get("source") == "kvpress" and r.get("samples")}
         for budget in sorted(theirs):  # the issue's: ahead of kvpress's KVzip on the same samples
-            same = [r for r in records if r["method"] != "full" and r["budget"] == budget]
-            lines += [
-                "",
-                f"Against kvpress's KVzip (float32) at keep {budget:g}, sample by sample:",
-                "",
-                paired_table(same, baseline=f"kvpress kvzip @ {budget:g}"),
-            ]
+            lines += against(records, budget, "kvpress kvzip", "kvpress's KVzip (float32)")
         if setting == "query_agnostic" and target.block == "query_agnostic" and not theirs:
             zero = sample_zero_lines(records)
             if zero:

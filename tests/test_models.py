@@ -287,16 +287,22 @@ def test_local_hf_folder_loads_with_left_padding(tmp_path):
     assert out.shape == (2, batch.input_ids.shape[1] + 3)
 
 
-def test_packaged_load_saves_and_reuses_hf_folder(tmp_path, isolated_cache, monkeypatch):
-    """The first load goes through the GGUF and saves an HF folder; the next load reads only the folder."""
-    gguf_loads = []
+@pytest.fixture
+def gguf_loads(tmp_path, monkeypatch) -> list[torch.dtype]:
+    """Packaged loads read a tiny llama in place of the GGUF; the list records each such load's dtype."""
+    loads = []
 
     def fake_gguf(path, dtype, attn_implementation):
-        gguf_loads.append(path)
+        loads.append(dtype)
         return tiny_model("llama", seed=3), _word_tokenizer()
 
     monkeypatch.setattr(loading, "resolve_model_path", lambda model, progress: tmp_path / "x.gguf")
     monkeypatch.setattr(loading, "_load_gguf", fake_gguf)
+    return loads
+
+
+def test_packaged_load_saves_and_reuses_hf_folder(isolated_cache, gguf_loads):
+    """The first load goes through the GGUF and saves an HF folder; the next load reads only the folder."""
     model, _ = load_model("smollm2-135m", progress=False)
     folder = isolated_cache / "models" / "smollm2-135m-hf"
     assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
@@ -313,16 +319,8 @@ def test_packaged_load_saves_and_reuses_hf_folder(tmp_path, isolated_cache, monk
     assert len(gguf_loads) == 2
 
 
-def test_packaged_hf_folder_is_built_once_for_tools_that_load_by_path(tmp_path, isolated_cache, monkeypatch):
+def test_packaged_hf_folder_is_built_once_for_tools_that_load_by_path(isolated_cache, gguf_loads):
     """kvpress's stage loads only a tokenizer: the folder must exist without a ``load_model`` first."""
-    gguf_loads = []
-
-    def fake_gguf(path, dtype, attn_implementation):
-        gguf_loads.append(dtype)
-        return tiny_model("llama", seed=3), _word_tokenizer()
-
-    monkeypatch.setattr(loading, "resolve_model_path", lambda model, progress: tmp_path / "x.gguf")
-    monkeypatch.setattr(loading, "_load_gguf", fake_gguf)
     folder = packaged_hf_folder("smollm2-135m", progress=False)
     assert folder == isolated_cache / "models" / "smollm2-135m-hf" and (folder / "config.json").is_file()
     assert packaged_hf_folder("SmolLM2-135M", progress=False) == folder
