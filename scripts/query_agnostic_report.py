@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,14 +80,16 @@ REPEAT_SAMPLES = 3
 BUDGETS = (0.1, 0.25)
 STAGES = ("query_agnostic", "kvpress", "query_aware", "kvpress_query_aware", "equal_bytes")
 KVPRESS_STAGES = {"kvpress": "query_agnostic", "kvpress_query_aware": "query_aware"}
-# query-aware also runs kvzip with a recent window at 0.1, where a replay scores the question like any context
-# and evicts it, and cake, the grid's best query-aware eviction method (the bench block), on the same samples
+# kvzip(keep_header=True) keeps the chat template's header whole (kvzip's default until 2026-12-07; the
+# query-aware rows ran with it). Query-aware also runs it with a recent window at 0.1, where a replay scores
+# the question like any context and evicts it, and cake, the grid's best query-aware eviction method (the bench
+# block), on the same samples
+KEEP_HEADER = {"keep_header": True}
 ROWS = {
-    # kvzip(keep_header=False) scores the chat template's header 0 like KVzip's code and kvpress's press
-    "query_agnostic": (MethodSpec("kvzip"), MethodSpec("kvzip", {"keep_header": False}), MethodSpec("kvzap")),
+    "query_agnostic": (MethodSpec("kvzip"), MethodSpec("kvzip", KEEP_HEADER), MethodSpec("kvzap")),
     "query_aware": (
-        MethodSpec("kvzip"),
-        MethodSpec("kvzip", {"window": 16}, budgets=(0.1,)),
+        MethodSpec("kvzip", KEEP_HEADER),
+        MethodSpec("kvzip", {**KEEP_HEADER, "window": 16}, budgets=(0.1,)),
         MethodSpec("kvzap"),
         MethodSpec("snapkv"),
         MethodSpec("cake"),
@@ -214,7 +217,8 @@ def main() -> None:
     parser.add_argument("--model", default="qwen2.5-coder-0.5b", choices=sorted(TARGETS))
     parser.add_argument(
         "--methods",
-        help="run only these of the stage's rows now, by label (`kvzip(window=16)`; comma list; default: all)",
+        help="run only these of the stage's rows now, by label (`kvzip(keep_header=True,window=16)`; comma "
+        "list; default: all)",
     )
     args = parser.parse_args()
     stages = parse_stages(args.stages, STAGES)
@@ -224,7 +228,7 @@ def main() -> None:
             model, tokenizer = kvsqueeze.load_model(args.model, dtype=target.dtypes[setting])
             rows = config(setting, target)
             if args.methods:  # run only these now; the tables still show every row on disk
-                chosen = set(args.methods.split(","))
+                chosen = set(re.split(r",(?![^()]*\))", args.methods))  # commas inside a label stay
                 rows = dataclasses.replace(rows, methods=[m for m in rows.methods if m.label in chosen])
             run_bench(model, tokenizer, rows, records_folder(target, setting), model_name=args.model)
     if "equal_bytes" in stages:

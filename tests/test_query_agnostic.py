@@ -42,11 +42,14 @@ def prompt_ids(tokenizer, text: str) -> torch.Tensor:
 # ------------------------------------------------------------------ kvzip against a from-scratch reference
 
 
-def reference_scores(tokenizer, ids: torch.Tensor, chunk_size: int, sinks: int = 4, overlap: int = 8):
+def reference_scores(
+    tokenizer, ids: torch.Tensor, chunk_size: int, sinks: int = 4, overlap: int = 8, keep_header: bool = False
+):
     """KVzip's scores from an eager model's full attention maps (B = 1), per layer (H_kv, L).
 
     Each round is one eager forward over prompt + replay; restricting the softmax to sinks, the chunk and
-    the replay is a renormalization of the full probabilities over those columns.
+    the replay is a renormalization of the full probabilities over those columns. No round repeats the
+    template's header: it scores 0, or +inf (always kept) with ``keep_header``.
     """
     eager = tiny_model("llama", num_hidden_layers=3, seed=0, attn_implementation="eager")
     text = ReplayText.for_tokenizer(tokenizer)
@@ -72,39 +75,43 @@ def reference_scores(tokenizer, ids: torch.Tensor, chunk_size: int, sinks: int =
             per_kv = rows.view(-1, g, *rows.shape[1:]).amax(dim=(1, 2))  # (H_kv, T)
             span = slice(start, start + len(chunk))
             best[layer, :, span] = torch.maximum(best[layer, :, span], per_kv[:, span])
-    best[:, :, :header] = float("inf")
+    if keep_header:
+        best[:, :, :header] = float("inf")
     return best
 
 
-@pytest.mark.parametrize("chunk_size", [1000, 48])
-def test_kvzip_scores_match_reference(llama, tokenizer, chunk_size):
+@pytest.mark.parametrize(("chunk_size", "keep_header"), [(1000, False), (48, False), (48, True)])
+def test_kvzip_scores_match_reference(llama, tokenizer, chunk_size, keep_header):
     ids = prompt_ids(tokenizer, "The code for the north gate is 7302. " * 4)
     source = SqueezeCache(llama, "full", record_prefill=True, tokenizer=tokenizer)
     with torch.inference_mode():
         llama(ids, cache=source)
-    got = torch.stack([s[0] for s in source.replay_scores("kvzip", chunk_size=chunk_size)])  # (N, H_kv, L)
-    expected = reference_scores(tokenizer, ids, chunk_size)
+    scores = source.replay_scores("kvzip", chunk_size=chunk_size, keep_header=keep_header)
+    got = torch.stack([s[0] for s in scores])  # (N, H_kv, L)
+    expected = reference_scores(tokenizer, ids, chunk_size, keep_header=keep_header)
     assert got.shape == expected.shape
     finite = torch.isfinite(expected)
     assert torch.equal(torch.isfinite(got), finite)
     assert torch.allclose(got[finite], expected[finite], atol=1e-5, rtol=1e-4)
-    assert bool((got[finite] > 0).all())  # every context row is scored by some round
+    header = len(ReplayText.for_tokenizer(tokenizer).header)
+    assert bool((got[..., header:] > 0).all())  # every context row is scored by some round
 
 
-def test_kvzip_scores_the_header_only_when_told(llama, tokenizer):
-    """keep_header=False leaves the template's header at score 0 (no replay repeats it), as KVzip's code."""
+def test_kvzip_keeps_the_header_only_when_told(llama, tokenizer):
+    """By default the template's header scores 0 (no replay repeats it), as KVzip's code; keep_header=True
+    keeps it whole."""
     ids = prompt_ids(tokenizer, "The code for the north gate is 7302. " * 4)
     source = SqueezeCache(llama, "full", record_prefill=True, tokenizer=tokenizer)
     with torch.inference_mode():
         llama(ids, cache=source)
-    kept = torch.stack([s[0] for s in source.replay_scores("kvzip", chunk_size=1000)])
-    free = torch.stack([s[0] for s in source.replay_scores("kvzip", chunk_size=1000, keep_header=False)])
+    kept = torch.stack([s[0] for s in source.replay_scores("kvzip", chunk_size=1000, keep_header=True)])
+    free = torch.stack([s[0] for s in source.replay_scores("kvzip", chunk_size=1000)])
     header = len(ReplayText.for_tokenizer(tokenizer).header)
     assert (
         header > 4 and bool(torch.isinf(kept[..., :header]).all()) and bool((free[..., :header] == 0).all())
     )
     assert torch.equal(kept[..., header:], free[..., header:])
-    compressed = source.fork("kvzip", 0.5, keep_header=False)
+    compressed = source.fork("kvzip", 0.5)
     assert compressed.nbytes() < source.nbytes()
 
 

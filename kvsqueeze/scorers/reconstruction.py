@@ -43,15 +43,16 @@ class ReconstructionScorer(Scorer):
         chunk_size: context tokens repeated per replay round (KVzip: 2048).
         sinks: the first ``sinks`` positions stay in every round's softmax (KVzip: 4).
         overlap: tokens of the previous chunk quoted to say where a later round starts (KVzip: 8).
-        keep_header: the chat template's header (system prompt, user-turn opening) always stays; if False it
-            is scored 0 like any row no replay repeats, so only the sinks of it stay (KVzip's code).
+        keep_header: if True the chat template's header (system prompt, user-turn opening) always stays;
+            by default it is scored 0 like any row no replay repeats, so only the sinks of it stay (KVzip's
+            code).
     """
 
     name: ClassVar[str] = "reconstruction"
     replays: ClassVar[bool] = True  # scored after the prompt by a replay, not during its attention
 
     def __init__(
-        self, chunk_size: int = 2048, sinks: int = 4, overlap: int = 8, keep_header: bool = True
+        self, chunk_size: int = 2048, sinks: int = 4, overlap: int = 8, keep_header: bool = False
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
