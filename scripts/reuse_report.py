@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def body_of(args: argparse.Namespace, result: dict, doc_tokens: list[int], out: 
     command = (
         f".venv/bin/python scripts/reuse_report.py --write --model {args.model} --queries {args.queries} "
         f"--agents {args.agents} --doc-words {args.doc_words} --doc-tokens {args.doc_tokens} --seed {args.seed}"
-        + ("" if args.header == SYSTEM_HEADER else f" --header {args.header!r}")
+        + ("" if args.header == SYSTEM_HEADER else f" --header {bash_quoted(args.header)}")
         + ("" if args.policies == ",".join(POLICIES) else f" --policies {args.policies}")
         + ("" if out == default_out(args.model) else f" --out {relative(out)}")
     )
@@ -161,6 +162,13 @@ def default_out(model: str) -> Path:
 def block_of(model: str, out: Path) -> str:
     """The RESULTS block a run writes: its model's, or one named after its records file when --out moved them."""
     return published_names(model)[1] if out == default_out(model) else f"reuse_{out.stem}"
+
+
+def bash_quoted(text: str) -> str:
+    """``text`` as one bash word, newlines included (``$'...'``), to paste into a shell."""
+    if "\n" not in text:
+        return shlex.quote(text)
+    return "$'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
 
 def relative(path: Path) -> Path:
