@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import kvsqueeze
-from kvsqueeze.bench.multiagent import make_queries, run_multiagent
+from kvsqueeze.bench.multiagent import ROLES, agent_header, make_queries, run_multiagent
 from kvsqueeze.bench.report import replace_block
 from kvsqueeze.cli.params import parse_assignment
 from kvsqueeze.reuse import ReusePolicy, get_policy
@@ -84,8 +84,14 @@ def body_of(args: argparse.Namespace, result: dict, doc_tokens: list[int], out: 
             f"documents {min(doc_tokens)}-{max(doc_tokens)} tokens (prose cut to a fixed length, as a chunked "
             f"corpus), prompts {min(prompt_tokens)}-{max(prompt_tokens)} tokens; agent k reads the document, the "
             f"question and agents 1..k-1's answers. Command: `{command}` (records in `{relative(out)}`).",
-            f"Stored segments are computed after the header {json.dumps(args.header)} (then dropped); an agent's "
-            "answer, as later agents read it, is its first sentence.",
+            f"Stored segments are computed after the header {json.dumps(args.header)} (then dropped)"
+            + (
+                ", agent 1's own text before the document: the documents' KV as the first agent to read them "
+                "computes it, which later agents reuse after their own roles"
+                if args.header == agent_header(ROLES[0])
+                else ""
+            )
+            + "; an agent's answer, as later agents read it, is its first sentence.",
             *extension,
             "",
             table(summary),

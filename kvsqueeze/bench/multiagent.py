@@ -97,10 +97,15 @@ def make_queries(
     return queries
 
 
+def agent_header(role: str) -> str:
+    """An agent's own text before the document: its system turn and the opening of its user turn."""
+    return f"<|im_start|>system\nYou are {role}.<|im_end|>\n<|im_start|>user\nDocument:\n"
+
+
 def agent_prompt(role: str, query: Query, answers: list[str]) -> list[Segment]:
     """Agent segments: own header, shared document and question, shared earlier answers, own closing."""
     segments = [
-        Segment(f"<|im_start|>system\nYou are {role}.<|im_end|>\n<|im_start|>user\nDocument:\n"),
+        Segment(agent_header(role)),
         Segment(query.document, shared=True, slot="document"),
         Segment("\n\nQuestion: "),
         Segment(query.question, shared=True, slot="question"),
