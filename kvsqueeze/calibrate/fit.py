@@ -172,9 +172,8 @@ def calibrate_kvzap(
         ids = torch.tensor([header + texts[index]])
         hidden, scores = document_scores(model, tokenizer, ids, kvzip)
         target = state.held_out if index >= documents - held_out else state.train
-        scored = slice(
-            max(len(header), kvzip.sinks), ids.shape[1]
-        )  # no replay repeats the header; sinks stay
+        # the targets leave out the header (no replay repeats it) and the sinks (always kept)
+        scored = slice(max(len(header), kvzip.sinks), ids.shape[1])
         for layer in range(layers):
             target.add(layer, hidden[layer][scored], scores[layer][scored].clamp(min=LOG_FLOOR).log())
         state.done, state.seconds = index + 1, state.seconds + time.perf_counter() - start
