@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +31,14 @@ import torch
 
 import kvsqueeze
 from kvsqueeze.bench import TASKS
-from kvsqueeze.bench.report import markdown_table, mean_of, paired_table, parse_stages, replace_block
+from kvsqueeze.bench.report import (
+    markdown_table,
+    mean_of,
+    paired_table,
+    parse_stages,
+    replace_block,
+    split_labels,
+)
 from kvsqueeze.bench.runner import BenchConfig, MethodSpec, load_records, run_bench
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -228,7 +234,7 @@ def main() -> None:
             model, tokenizer = kvsqueeze.load_model(args.model, dtype=target.dtypes[setting])
             rows = config(setting, target)
             if args.methods:  # run only these now; the tables still show every row on disk
-                chosen = set(re.split(r",(?![^()]*\))", args.methods))  # commas inside a label stay
+                chosen = set(split_labels(args.methods))
                 rows = dataclasses.replace(rows, methods=[m for m in rows.methods if m.label in chosen])
             run_bench(model, tokenizer, rows, records_folder(target, setting), model_name=args.model)
     if "equal_bytes" in stages:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import kvsqueeze
 from kvsqueeze.bench import TASKS
-from kvsqueeze.bench.report import markdown_table, mean_of, paired_table, replace_block
+from kvsqueeze.bench.report import markdown_table, mean_of, paired_table, replace_block, split_labels
 from kvsqueeze.bench.runner import (
     BenchConfig,
     MethodSpec,
@@ -140,7 +140,7 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         model, tokenizer = kvsqueeze.load_model(MODEL)
-        chosen = set(args.methods.split(",")) if args.methods else set(SELECTING_LABELS)
+        chosen = set(split_labels(args.methods)) if args.methods else set(SELECTING_LABELS)
         unknown = chosen - set(SELECTING_LABELS)
         if unknown:
             raise SystemExit(

@@ -9,7 +9,14 @@ import torch
 
 from kvsqueeze.bench import Sample
 from kvsqueeze.bench.prompts import encode_sample
-from kvsqueeze.bench.report import markdown_table, paired_table, plot_results, ratio_summary, replace_block
+from kvsqueeze.bench.report import (
+    markdown_table,
+    paired_table,
+    plot_results,
+    ratio_summary,
+    replace_block,
+    split_labels,
+)
 from kvsqueeze.bench.runner import (
     BenchConfig,
     MethodSpec,
@@ -281,3 +288,14 @@ def test_continuation_logprobs_stepwise_equals_one_call_on_the_full_cache():
             logprobs.append(continuation_logprobs(model, cache, ids, stepwise, chunk=4))
     assert logprobs[0].shape == (9, model.config.vocab_size)
     torch.testing.assert_close(logprobs[0], logprobs[1], atol=1e-4, rtol=1e-4)
+
+
+def test_split_labels_keeps_the_commas_inside_a_label():
+    """``--methods`` of the report scripts: a label's own parameters are not split apart."""
+    text = "kvzip(keep_header=True,window=16),kvzap,quest(bounds_dtype=float32,page_size=4)"
+    assert split_labels(text) == [
+        "kvzip(keep_header=True,window=16)",
+        "kvzap",
+        "quest(bounds_dtype=float32,page_size=4)",
+    ]
+    assert split_labels("snapkv") == ["snapkv"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -271,6 +272,12 @@ def parse_stages(text: str, known: Sequence[str]) -> list[str]:
     if unknown := set(stages) - set(known):
         raise SystemExit(f"unknown stage {sorted(unknown)[0]!r}; stages: {', '.join(known)}")
     return stages
+
+
+def split_labels(text: str) -> list[str]:
+    """A report script's ``--methods``: row labels separated by commas, where a label's own parameters
+    (``quest(bounds_dtype=float32,page_size=4)``) keep theirs."""
+    return re.split(r",(?![^()]*\))", text)
 
 
 def replace_block(path: Path, name: str, body: str) -> None:
