@@ -28,8 +28,9 @@ def model_folder(name: str | None) -> Path:
     """The HF folder kvpress loads: a packaged alias's dequantized folder (built once), or a local HF folder."""
     from kvsqueeze.models import DEFAULT_MODEL, find_packaged, packaged_hf_folder
 
-    if find_packaged(name or DEFAULT_MODEL) is not None:
-        return packaged_hf_folder(name or DEFAULT_MODEL)
+    name = name or DEFAULT_MODEL
+    if find_packaged(name) is not None:
+        return packaged_hf_folder(name)
     folder = Path(name)
     if (folder / "config.json").exists():
         return folder

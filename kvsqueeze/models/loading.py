@@ -183,6 +183,16 @@ def _save_hf_cache(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _load_gguf_into_hf_cache(
+    packaged: PackagedModel, folder: Path, attn_implementation: str | None, progress: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the verified GGUF dequantized (float32, the dtype the folder caches) and save it as ``folder``."""
+    gguf_path = resolve_model_path(packaged, progress=progress)
+    model, tokenizer = _load_gguf(gguf_path, torch.float32, attn_implementation)
+    _save_hf_cache(model, tokenizer, packaged, folder)
+    return model, tokenizer
+
+
 def packaged_hf_folder(name: str, *, progress: bool = True) -> Path:
     """The HF folder (float32 safetensors + tokenizer) of packaged model ``name``, for tools that load by
     path (kvpress's pipeline, vLLM). Built from the verified GGUF the first time, as ``load_model`` does."""
@@ -192,10 +202,7 @@ def packaged_hf_folder(name: str, *, progress: bool = True) -> Path:
     folder = _hf_cache_folder(packaged)
     if not _hf_cache_valid(folder, packaged):
         with _quiet_progress(progress):
-            model, tokenizer = _load_gguf(
-                resolve_model_path(packaged, progress=progress), torch.float32, None
-            )
-        _save_hf_cache(model, tokenizer, packaged, folder)
+            _load_gguf_into_hf_cache(packaged, folder, None, progress)
         if not _hf_cache_valid(folder, packaged):
             raise ValueError(f"could not save {packaged.alias} as an HF folder in {folder} (see the warning)")
     return folder
@@ -215,12 +222,10 @@ def _load_packaged(
             return _from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
         except Exception as error:  # a damaged cache: rebuild it from the GGUF
             logger.warning("ignoring unreadable HF cache %s (%s)", folder, error)
-    gguf_path = resolve_model_path(packaged, progress=progress)
     if not use_hf_cache:
-        return _load_gguf(gguf_path, dtype, attn_implementation)
+        return _load_gguf(resolve_model_path(packaged, progress=progress), dtype, attn_implementation)
     # Dequantized GGUF weights are float32: cache those, then cast to the requested dtype.
-    model, tokenizer = _load_gguf(gguf_path, torch.float32, attn_implementation)
-    _save_hf_cache(model, tokenizer, packaged, folder)
+    model, tokenizer = _load_gguf_into_hf_cache(packaged, folder, attn_implementation, progress)
     if dtype != torch.float32:
         model = model.to(dtype)
     return model, tokenizer
