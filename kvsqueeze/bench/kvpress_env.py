@@ -40,15 +40,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kvsqueeze.models import cache_dir
+from kvsqueeze.venvs import clean_env, create_venv, last_line, pip_install, run_step, venv_python
 
 KVPRESS_VERSION = "0.5.5"
 KVPRESS_TRANSFORMERS = "5.2.0"
@@ -147,34 +146,8 @@ def default_env_path() -> Path:
     return cache_dir() / "kvpress-venv"
 
 
-def _venv_python(path: Path) -> Path:
-    return path / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-
-
 def _expected_marker() -> dict[str, str]:
     return {"kvpress": KVPRESS_VERSION, "transformers": KVPRESS_TRANSFORMERS, "torch": KVPRESS_TORCH}
-
-
-def _last_line(text: str) -> str:
-    """The last line of an error output, skipping pip's trailing "for help visit <url>" pointers."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    useful = [line for line in lines if "for help visit" not in line]
-    return (useful or lines or ["no output"])[-1]
-
-
-def _run(cmd: list[str], what: str) -> str:
-    """Run ``cmd``; a one-line ValueError with the last line of its error output if it fails."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_clean_env())
-    if proc.returncode != 0:
-        raise ValueError(f"{what} failed: {_last_line(proc.stderr or proc.stdout)}")
-    return proc.stdout
-
-
-def _clean_env() -> dict[str, str]:
-    """Our environment minus what would leak this venv into the other one; hub access off."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
-    return env
 
 
 def ensure_kvpress_env(path: Path | None = None, *, progress: bool = True) -> Path:
@@ -185,7 +158,7 @@ def ensure_kvpress_env(path: Path | None = None, *, progress: bool = True) -> Pa
     once everything imported; a venv whose marker matches is reused as is.
     """
     path = Path(path) if path is not None else default_env_path()
-    python = _venv_python(path)
+    python = venv_python(path)
     marker = path / MARKER
     if python.exists() and marker.exists():
         try:
@@ -197,18 +170,13 @@ def ensure_kvpress_env(path: Path | None = None, *, progress: bool = True) -> Pa
         [f"torch=={KVPRESS_TORCH}"],
         [f"kvpress=={KVPRESS_VERSION}", f"transformers=={KVPRESS_TRANSFORMERS}"],
     ]
-    if not python.exists():
-        if progress:
-            print(f"creating the kvpress venv in {path}", file=sys.stderr)
-        _run([sys.executable, "-m", "venv", str(path)], f"creating a venv in {path}")
+    python = create_venv(path, "kvpress", progress)
     marker.unlink(missing_ok=True)
     for packages in steps:
-        if progress:
-            print(f"installing {' '.join(packages)} into {path} (may take minutes)", file=sys.stderr)
-        _run([str(python), "-m", "pip", "install", "--quiet", *packages], f"installing {' '.join(packages)}")
+        pip_install(python, packages, progress=progress)
     check = "import kvpress, transformers, torch, importlib.metadata as m; "
     check += "print(m.version('kvpress'), transformers.__version__, torch.__version__.split('+')[0])"
-    found = _run([str(python), "-c", check], "importing kvpress in its venv").split()
+    found = run_step([str(python), "-c", check], "importing kvpress in its venv").split()
     if found != list(_expected_marker().values()):
         raise ValueError(
             f"the kvpress venv has kvpress/transformers/torch {'/'.join(found)}, expected "
@@ -328,7 +296,7 @@ def run_kvpress(
         try:
             proc = subprocess.run(
                 cmd,
-                env=_clean_env(),
+                env=clean_env(),
                 timeout=timeout,
                 stdout=subprocess.PIPE,
                 stderr=None if progress else subprocess.PIPE,
@@ -337,7 +305,7 @@ def run_kvpress(
         except subprocess.TimeoutExpired:
             raise ValueError(f"the kvpress worker did not finish within {timeout} s") from None
         if proc.returncode != 0 or not result_file.exists():
-            reason = _last_line(proc.stderr or "") if not progress else "see its output above"
+            reason = last_line(proc.stderr or "") if not progress else "see its output above"
             raise ValueError(f"the kvpress worker failed (exit {proc.returncode}): {reason}")
         result = json.loads(result_file.read_text())
     check_result(result, job)
