@@ -162,13 +162,13 @@ class KVCOMM(ReusePolicy):
             if piece.shared:
                 kind, anchors = plans[i]
                 delta = self._placeholder_delta(bases[i], anchors, agent, exact=kind == "exact")
-                kv = _add(bases[i], delta)
+                kv = add_offsets(bases[i], delta)
             else:
                 kv = template[i]
                 if i > 0 and head[i - 1].shared:
                     kind, anchors = plans[i - 1]
                     delta = self._prefix_delta(bases[i - 1], anchors, agent, exact=kind == "exact")
-                    kv = _add(kv, delta) if delta is not None else kv
+                    kv = add_offsets(kv, delta) if delta is not None else kv
             engine.append(cache, kv, piece.start)
         recomputed = engine.forward_pieces(tail, cache)
         return Built(
@@ -209,25 +209,14 @@ class KVCOMM(ReusePolicy):
     def _placeholder_delta(
         self, base: SegmentKV, anchors: list[Anchor], agent: str, exact: bool
     ) -> SegmentKV:
-        n = base.num_tokens
         if exact:
             return anchors[0].offsets[agent].placeholder
-        parts = []
-        for field_name in ("keys", "values"):
-            mine = getattr(base, field_name).float()  # (L, H_kv, n, D)
-            gaps = torch.stack(
-                [
-                    (mine - getattr(a.base, field_name)[:, :, :n].float()).abs().mean(dim=(0, 1, 3))
-                    for a in anchors
-                ]
-            )  # (N_a, n)
-            weights = torch.softmax(-gaps / self.config.temperature, dim=0)  # (N_a, n)
-            total = torch.zeros_like(mine)
-            for w, a in zip(weights, anchors, strict=True):
-                offset = getattr(a.offsets[agent].placeholder, field_name)[:, :, :n].float()
-                total += w[None, None, :, None] * offset
-            parts.append(total)
-        return SegmentKV(*parts)
+        return placeholder_delta(
+            base,
+            [a.base for a in anchors],
+            [a.offsets[agent].placeholder for a in anchors],
+            self.config.temperature,
+        )
 
     def _prefix_delta(
         self, base: SegmentKV, anchors: list[Anchor], agent: str, exact: bool
@@ -299,7 +288,31 @@ class KVCOMM(ReusePolicy):
         return anchor
 
 
-def _add(kv: SegmentKV, delta: SegmentKV) -> SegmentKV:
+def placeholder_delta(
+    base: SegmentKV, anchor_bases: list[SegmentKV], anchor_offsets: list[SegmentKV], temperature: float = 1.0
+) -> SegmentKV:
+    """KVCOMM's offset for new content ``base`` (n tokens): per token, the anchors' offsets weighted by
+    ``softmax(-mean_{layers,heads,dims} |base_t - anchor_base_t| / temperature)`` over the anchors, separately
+    for keys and values (module doc). Anchors are at least n tokens long; fp32, ``(L, H_kv, n, D)``."""
+    n = base.num_tokens
+    parts = []
+    for field_name in ("keys", "values"):
+        mine = getattr(base, field_name).float()  # (L, H_kv, n, D)
+        gaps = torch.stack(
+            [
+                (mine - getattr(a, field_name)[:, :, :n].float()).abs().mean(dim=(0, 1, 3))
+                for a in anchor_bases
+            ]
+        )  # (N_a, n)
+        weights = torch.softmax(-gaps / temperature, dim=0)  # (N_a, n)
+        total = torch.zeros_like(mine)
+        for w, offset in zip(weights, anchor_offsets, strict=True):
+            total += w[None, None, :, None] * getattr(offset, field_name)[:, :, :n].float()
+        parts.append(total)
+    return SegmentKV(*parts)
+
+
+def add_offsets(kv: SegmentKV, delta: SegmentKV) -> SegmentKV:
     """``kv + delta`` in fp32, layer 0 left as it is (exact)."""
     keys, values = kv.keys.float().clone(), kv.values.float().clone()
     keys[1:] += delta.keys[1:].float()
