@@ -1,0 +1,273 @@
+"""The multi-agent reuse benchmark through vLLM (issue 23), written into docs/RESULTS.md.
+
+Runs in the vLLM venv (``kvsqueeze.vllm.env`` builds it; ``kvsqueeze vllm-env`` prints its python)::
+
+    $(.venv/bin/kvsqueeze vllm-env) scripts/vllm_reuse_report.py            # print the table
+    $(.venv/bin/kvsqueeze vllm-env) scripts/vllm_reuse_report.py --write    # and publish it
+
+Three vLLM engines on the same HF folder answer the same queries of :mod:`kvsqueeze.bench.multiagent`
+(agents with different roles over a shared document), interleaved query by query so a loaded machine slows
+them alike: ``full`` (no prefix caching: every prompt computed), ``prefix caching`` (vLLM's own, in 128-token
+blocks) and ``kvsqueeze`` (prefix caching plus :class:`kvsqueeze.vllm.connector.KVSqueezeConnector`). Each
+document is indexed once, after the first agent's header, on the two engines that cache (timed apart).
+Reported: accuracy, agreement with ``full``'s answers, reuse (prompts with KV from the connector; the share of
+prompt tokens not computed) and the summed time to first token as a ratio to ``full`` and to prefix caching.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT_DIR = ROOT / "docs" / "bench" / "vllm"
+# engine -> the connector's policy (None: no connector)
+ENGINES = {"full": None, "prefix caching": None, "kvsqueeze": "plain", "kvsqueeze kvcomm": "kvcomm"}
+DEFAULT_ENGINES = "full,prefix caching,kvsqueeze"
+
+
+def stem_of(engines: list[str]) -> str:
+    """The records' file stem and the RESULTS block's suffix of a run of ``engines``."""
+    extra = [name.replace(" ", "-") for name in engines if name not in DEFAULT_ENGINES.split(",")]
+    return "-".join(["qwen2.5-coder-0.5b-reuse", *extra])
+
+
+def engine(name: str, model_dir: str, max_model_len: int):
+    from vllm import LLM
+
+    from kvsqueeze.vllm import CONNECTOR_CONFIG
+
+    options = {"enable_prefix_caching": name != "full"}
+    if ENGINES[name] is not None:
+        options["kv_transfer_config"] = CONNECTOR_CONFIG | {
+            "kv_connector_extra_config": {"policy": ENGINES[name]}
+        }
+    return LLM(
+        model=model_dir,
+        dtype="float32",
+        max_model_len=max_model_len,
+        enforce_eager=True,
+        seed=0,
+        disable_log_stats=False,  # per-request metrics: the time to first token
+        **options,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", default=None, help="HF folder (default: the packaged Qwen 0.5B's)")
+    parser.add_argument("--queries", type=int, default=20)
+    parser.add_argument("--agents", type=int, default=5)
+    parser.add_argument("--doc-words", type=int, default=800)
+    parser.add_argument("--doc-tokens", type=int, default=900)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--engines", default=DEFAULT_ENGINES, help=f"comma list of {', '.join(ENGINES)} (full comes first)"
+    )
+    parser.add_argument("--render", type=Path, default=None, help="print (and --write) a saved run's block")
+    parser.add_argument("--write", action="store_true")
+    args = parser.parse_args()
+    engines = args.engines.split(",")
+    if engines[0] != "full" or any(name not in ENGINES for name in engines):
+        parser.error(
+            f"--engines: a comma list of {', '.join(ENGINES)} starting with full, got {args.engines!r}"
+        )
+    if args.render is not None:
+        result = json.loads(args.render.read_text())
+        result["args"].setdefault("engines", DEFAULT_ENGINES)  # runs before --engines existed
+        result["summary"] = summarize(result["records"], result["args"]["engines"].split(","))
+    else:
+        result = run(args, engines)
+        (OUT_DIR / f"{stem_of(engines)}.json").write_text(json.dumps(result, indent=1))
+    body = body_of(result)
+    print(body)
+    if args.write:
+        from kvsqueeze.bench.report import replace_block
+
+        engines = result["args"]["engines"].split(",")
+        suffix = stem_of(engines).removeprefix("qwen2.5-coder-0.5b-reuse").replace("-", "_")
+        replace_block(ROOT / "docs" / "RESULTS.md", f"vllm_reuse{suffix}", body)
+
+
+def run(args: argparse.Namespace, engines: list[str]) -> dict:
+    """Every engine over the same queries, interleaved query by query; the run's records."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    import vllm
+    from vllm import SamplingParams
+
+    from kvsqueeze.bench.multiagent import (
+        ROLES,
+        agent_header,
+        agent_prompt,
+        first_code,
+        first_sentence,
+        make_queries,
+    )
+    from kvsqueeze.models import cache_dir
+
+    wall_start = time.perf_counter()
+    model_dir = args.model_dir or str(cache_dir() / "models" / "qwen2.5-coder-0.5b-hf")
+    llms = {name: engine(name, model_dir, 4096) for name in engines}
+    tokenizer = llms["full"].get_tokenizer()
+    queries = make_queries(
+        args.queries, args.doc_words, seed=args.seed, tokenizer=tokenizer, doc_tokens=args.doc_tokens
+    )
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    greedy = SamplingParams(max_tokens=16, temperature=0)
+    index_seconds = {name: 0.0 for name in engines[1:]}
+    records = []
+    for qi, query in enumerate(queries):
+        header, document = encode(agent_header(ROLES[0])), encode(query.document)
+        share = {"kv_transfer_params": {"kvsqueeze": {"share": [[len(header), len(header) + len(document)]]}}}
+        for name in engines[1:]:  # the engines that cache index the document once, after agent 1's header
+            start = time.perf_counter()
+            indexing = SamplingParams(max_tokens=1, extra_args=share)
+            llms[name].generate({"prompt_token_ids": header + document}, indexing, use_tqdm=False)
+            index_seconds[name] += time.perf_counter() - start
+        for name, llm in llms.items():
+            answers: list[str] = []
+            for k in range(args.agents):
+                ids = [t for segment in agent_prompt(ROLES[k], query, answers) for t in encode(segment.text)]
+                out = llm.generate({"prompt_token_ids": ids}, greedy, use_tqdm=False)[0]
+                text = first_sentence(out.outputs[0].text)
+                answers.append(text)
+                loaded = ((out.kv_transfer_params or {}).get("kvsqueeze") or {}).get("loaded_tokens", 0)
+                records.append(
+                    {
+                        "query": qi,
+                        "agent": k,
+                        "engine": name,
+                        "tokens": len(ids),
+                        "cached_tokens": out.num_cached_tokens or 0,
+                        "loaded_tokens": loaded,
+                        "ttft": out.metrics.first_token_latency,
+                        "answer": text,
+                        "correct": first_code(text) == query.answer,
+                    }
+                )
+            print(f"query {qi} {name}: {answers} (gold {query.answer})", flush=True)
+    return {
+        "args": vars(args) | {"render": None},
+        "vllm": vllm.__version__,
+        "index_seconds": index_seconds,
+        "wall_seconds": time.perf_counter() - wall_start,
+        "summary": summarize(records, engines),
+        "records": records,
+    }
+
+
+def summarize(records: list[dict], engines: list[str]) -> dict[str, dict]:
+    """Per engine: accuracy, agreement with full, connector reuse, tokens not computed, summed TTFT."""
+    from kvsqueeze.bench.multiagent import first_code
+
+    full = {(r["query"], r["agent"]): first_code(r["answer"]) for r in records if r["engine"] == "full"}
+    ttft = {name: sum(r["ttft"] for r in records if r["engine"] == name) for name in engines}
+    out = {}
+    for name in engines:
+        rows = [r for r in records if r["engine"] == name]
+        agree = [first_code(r["answer"]) == full[(r["query"], r["agent"])] for r in rows]
+        out[name] = {
+            "calls": len(rows),
+            "accuracy": sum(r["correct"] for r in rows) / len(rows),
+            "agreement_with_full": sum(agree) / len(rows),
+            "connector_prompts": sum(r["loaded_tokens"] > 0 for r in rows) / len(rows),
+            "not_computed_share": sum(r["cached_tokens"] for r in rows) / sum(r["tokens"] for r in rows),
+            "ttft_seconds": ttft[name],
+            "speedup_vs_full": ttft["full"] / ttft[name],
+            "speedup_vs_prefix_caching": ttft["prefix caching"] / ttft[name]
+            if "prefix caching" in ttft
+            else None,
+        }
+    return out
+
+
+def body_of(result: dict) -> str:
+    """The RESULTS block of one run."""
+    args, summary = result["args"], result["summary"]
+    engines = args["engines"].split(",")
+    command = (
+        "$(.venv/bin/kvsqueeze vllm-env) scripts/vllm_reuse_report.py --write "
+        f"--queries {args['queries']} --agents {args['agents']} --doc-words {args['doc_words']} "
+        f"--doc-tokens {args['doc_tokens']} --seed {args['seed']}"
+        + ("" if args["engines"] == DEFAULT_ENGINES else f" --engines '{args['engines']}'")
+    )
+    tokens = [r["tokens"] for r in result["records"] if r["engine"] == "full"]
+    indexing = {name: seconds for name, seconds in result["index_seconds"].items() if name != "full"}
+    index = ", ".join(f"{seconds:.1f} s on `{name}`" for name, seconds in indexing.items())
+    connectors = [name for name in engines if ENGINES[name] is not None]
+    checks = []
+    for name in connectors:
+        s = summary[name]
+        versus = s["speedup_vs_prefix_caching"]
+        counted = ""
+        if versus:  # both engines indexed the documents once: count it on both sides
+            prefix = summary["prefix caching"]["ttft_seconds"] + indexing["prefix caching"]
+            counted = f" ({prefix / (s['ttft_seconds'] + indexing[name]):.2f}x counting the indexing on both)"
+        checks.append(
+            f"`{name}`: {100 * s['connector_prompts']:.0f}% of prompts reused, TTFT "
+            + (
+                f"{versus:.2f}x faster than prefix caching alone{counted}"
+                if versus
+                else f"{s['speedup_vs_full']:.2f}x full's"
+            )
+            + f", accuracy {100 * (s['accuracy'] - summary['full']['accuracy']):+.0f} points against vLLM's full "
+            "recompute"
+        )
+    return "\n".join(
+        [
+            f"Multi-agent retrieval QA through vLLM {result['vllm']} (CPU build, fp32, eager, one core), "
+            f"Qwen2.5-Coder-0.5B from the packaged GGUF saved as an HF folder: {args['agents']} agents with "
+            f"different roles x {args['queries']} queries = {len(tokens)} prompts per engine, prompts "
+            f"{min(tokens)}-{max(tokens)} tokens, the same queries as the transformers runs above. "
+            f"Command: `{command}` (records in `{(OUT_DIR / stem_of(engines)).relative_to(ROOT)}.json`).",
+            "",
+            table(summary),
+            "",
+            "Engines: `full` computes every prompt (no prefix caching); `prefix caching` is vLLM's own (whole "
+            "128-token blocks of an identical prefix); `kvsqueeze` adds `KVSqueezeConnector`, which loads an "
+            "agent's own header (exact rows kept from its first prompt) and the stored document, its keys turned "
+            "to the agent's offset, and lets vLLM compute the question, the earlier answers and the closing text "
+            "(kvsqueeze's `plain(recompute_tail=N)`)"
+            + (
+                "; `kvsqueeze kvcomm` adds KVCOMM's offsets to the document (an agent's first two documents "
+                "computed and measured, later ones corrected by the blend of those measurements)"
+                if "kvsqueeze kvcomm" in engines
+                else ""
+            )
+            + f". Each document was indexed once on the caching engines ({index}; a request of agent "
+            "1's header and the document, marked shared; not in the TTFT sums). TTFT: vLLM's time to first token "
+            "per request, summed over the run; ratios are to the other engines' sums in the same run. Prompt "
+            "tokens not computed: vLLM's `num_cached_tokens` (its prefix cache plus the connector's rows). "
+            "Accuracy: the gold access code is the answer's first 4-digit number.",
+            "",
+            "Issue 23's check: "
+            + "; ".join(checks)
+            + f". Wall time of this report: {result['wall_seconds']:.0f} s.",
+        ]
+    )
+
+
+def table(summary: dict[str, dict]) -> str:
+    lines = [
+        "| engine | accuracy | agrees with full | prompts served by the connector | prompt tokens not computed | "
+        "TTFT s | vs full | vs prefix caching |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, s in summary.items():
+        versus = s["speedup_vs_prefix_caching"]
+        lines.append(
+            f"| {name} | {100 * s['accuracy']:.0f} | {100 * s['agreement_with_full']:.0f} | "
+            f"{100 * s['connector_prompts']:.0f}% | {100 * s['not_computed_share']:.0f}% | {s['ttft_seconds']:.1f} | "
+            f"{s['speedup_vs_full']:.2f}x | " + (f"{versus:.2f}x |" if versus else "– |")
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
