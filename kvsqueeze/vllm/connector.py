@@ -1,8 +1,8 @@
 """``KVSqueezeConnector``: vLLM's KV connector API serving kvsqueeze's reuse store (import inside vLLM only).
 
-Start vLLM with it (``kvsqueeze.vllm`` has the whole command line)::
+Start vLLM with it (``kvsqueeze serve --engine vllm`` does; :func:`kvsqueeze.vllm.vllm_serve_command`)::
 
-    vllm serve MODEL_DIR --kv-transfer-config '{"kv_connector": "KVSqueezeConnector",
+    vllm serve MODEL_DIR --enable-prefix-caching --kv-transfer-config '{"kv_connector": "KVSqueezeConnector",
         "kv_connector_module_path": "kvsqueeze.vllm.connector", "kv_role": "kv_both",
         "kv_load_failure_policy": "recompute"}'
 
@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 logger = init_logger(__name__)
@@ -119,6 +120,7 @@ class KVSqueezeConnector(KVConnectorBase_V1):
                 int(extra.get("max_anchors", 20)),
             )
             self.requests: dict[str, _Tracked] = {}
+            self.loading: list[tuple[set[int], list[str]]] = []  # the last step's loads: blocks, keys
             return
         bits = extra.get("bits")
         self.store = SegmentStore(int(extra.get("max_bytes", DEFAULT_MAX_BYTES)), bits=bits)
@@ -155,6 +157,7 @@ class KVSqueezeConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = KVSqueezeMetadata()
+        self.loading = []
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             tracked = self.requests.get(new.req_id)
@@ -186,6 +189,7 @@ class KVSqueezeConnector(KVConnectorBase_V1):
         start, end = loads[0].start, loads[-1].start + loads[-1].num_tokens
         slots = slots_of(tracked.block_ids, self.block_size, start, end)
         meta.loads.append(LoadJob(req_id, slots, list(loads), list(tracked.block_ids)))
+        self.loading.append((set(tracked.block_ids), [p.key for p in loads]))
 
     def _keep(self, meta: KVSqueezeMetadata, req_id: str, tracked: _Tracked, done: int) -> None:
         """Hand the workers the keeps whose rows this step completes (``done``: tokens computed after it)."""
@@ -194,6 +198,14 @@ class KVSqueezeConnector(KVConnectorBase_V1):
             tracked.kept.append(keep)
             slots = slots_of(tracked.block_ids, self.block_size, keep.start, keep.end)
             meta.keeps.append(KeepJob(req_id, keep, slots))
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        """Forget rows a worker failed to load (its store let them go), so no later prompt plans on them."""
+        failed = connector_output.invalid_block_ids
+        for blocks, keys in self.loading if failed else ():
+            if blocks & failed:
+                for key in keys:
+                    self.index.discard(key)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         tracked = self.requests.pop(request.request_id, None)

@@ -60,7 +60,9 @@ def main(model_dir: str) -> None:
     def run(ids: list[int], share: tuple[int, int] | None = None) -> str:
         extra = {"kv_transfer_params": {"kvsqueeze": {"share": [list(share)]}}} if share else None
         params = SamplingParams(max_tokens=16, temperature=0, extra_args=extra)
-        return llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)[0].outputs[0].text
+        output = llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)[0]
+        out.setdefault("loaded_tokens", []).append(output.kv_transfer_params["kvsqueeze"]["loaded_tokens"])
+        return output.outputs[0].text
 
     header, other, doc, question = encode(HEADER), encode(OTHER_HEADER), encode(DOCUMENT), encode(QUESTION)
     h, o, n = len(header), len(other), len(doc)
@@ -94,6 +96,11 @@ def main(model_dir: str) -> None:
     out["shifted_layer0_value_max_abs_diff"] = (values[0] - recomputed.values[0]).abs().max().item()
     # deeper layers differ by what the document read before it (the other header): reported, not asserted
     out["shifted_deeper_key_max_abs_diff"] = (keys[1:] - recomputed.keys[1:]).abs().max().item()
+
+    # the workers' store lets everything go: the planned load fails, vLLM recomputes, the plan forgets it
+    connector.store.clear()
+    out["answer_after_eviction"] = run(other + doc + question)
+    out["answer_after_forgetting"] = run(other + doc + question)
     print(json.dumps(out))
 
 
