@@ -230,6 +230,16 @@ def main() -> None:
     args = parser.parse_args()
     stages = parse_stages(args.stages, STAGES)
     target = TARGETS[args.model]
+    if args.methods:  # a misspelled label would run nothing and say nothing
+        settings = [s for s in ("query_agnostic", "query_aware") if s in stages]
+        known = {m.label for setting in settings for m in config(setting, target).methods}
+        unknown = set(split_labels(args.methods)) - known
+        if unknown or not settings:
+            raise SystemExit(
+                f"--methods: unknown row(s) {sorted(unknown)} for stages {settings}; rows are {sorted(known)}"
+                if settings
+                else "--methods chooses rows of the query_agnostic and query_aware stages; neither is in --stages"
+            )
     for setting in ("query_agnostic", "query_aware"):
         if setting in stages:
             model, tokenizer = kvsqueeze.load_model(args.model, dtype=target.dtypes[setting])
