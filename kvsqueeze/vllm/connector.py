@@ -217,6 +217,12 @@ class KVSqueezeConnector(KVConnectorBase_V1):
 
     # ================================================================== worker side
 
+    def _meta(self) -> KVSqueezeMetadata:
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, KVSqueezeMetadata):
+            raise TypeError(f"KVSqueezeConnector got {type(meta).__name__} from vLLM, not its own metadata")
+        return meta
+
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         layers = {}
         for name, tensor in kv_caches.items():
@@ -232,9 +238,7 @@ class KVSqueezeConnector(KVConnectorBase_V1):
         self.layout = cpu_block_layout(self._vllm_config, self.block_size, first.shape[3] // 2, first.dtype)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        meta = self._get_connector_metadata()
-        assert isinstance(meta, KVSqueezeMetadata)  # noqa: S101 (vLLM hands back what build_connector_meta made)
-        for job in meta.loads:
+        for job in self._meta().loads:
             parts = [self._placed(p) for p in job.placements]
             if any(part is None for part in parts):
                 self.failed_blocks.update(job.block_ids[int(s) // self.block_size] for s in job.slots)
@@ -285,29 +289,24 @@ class KVSqueezeConnector(KVConnectorBase_V1):
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
     ) -> None:
-        meta = self._get_connector_metadata()
-        assert isinstance(meta, KVSqueezeMetadata)  # noqa: S101
-        for j, job in enumerate(meta.keeps):
+        for j, job in enumerate(self._meta().keeps):
             self.saving.setdefault(j, {})[layer_name] = read_rows(kv_layer, job.slots, self.layout)
 
     def wait_for_save(self) -> None:
-        meta = self._get_connector_metadata()
-        assert isinstance(meta, KVSqueezeMetadata)  # noqa: S101
-        for j, job in enumerate(meta.keeps):
+        for j, job in enumerate(self._meta().keeps):
             rows = self.saving.pop(j, {})
             if len(rows) != len(self.layer_names):
                 continue  # this rank computed no attention for it (nothing to keep)
             keys = torch.stack([rows[name][0] for name in self.layer_names])  # (L, H_kv, T, D)
             values = torch.stack([rows[name][1] for name in self.layer_names])
             kv = SegmentKV(keys, values)
-            if (
-                job.keep.kind == "anchor"
-            ):  # KVCOMM's measured offset: what vLLM computed minus the reused rows
+            if job.keep.kind == "anchor":
+                # KVCOMM's measured offset: what vLLM computed minus the rows reuse would have placed there
                 base = self._at(job.keep.base, job.keep.start)
                 if base is None:
                     continue
                 kv = SegmentKV(keys.float() - base.keys.float(), values.float() - base.values.float())
-            ids = torch.zeros(job.keep.end - job.keep.start, dtype=torch.int32)
+            ids = torch.zeros(job.keep.end - job.keep.start, dtype=torch.int32)  # the plan holds the tokens
             if self.store.put(job.keep.key, ids, kv):
                 self.origins[job.keep.key] = job.keep.start
         self.saving.clear()
