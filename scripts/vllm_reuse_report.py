@@ -5,13 +5,16 @@ Runs in the vLLM venv (``kvsqueeze.vllm.env`` builds it; ``kvsqueeze vllm-env`` 
     $(.venv/bin/kvsqueeze vllm-env) scripts/vllm_reuse_report.py            # print the table
     $(.venv/bin/kvsqueeze vllm-env) scripts/vllm_reuse_report.py --write    # and publish it
 
-Three vLLM engines on the same HF folder answer the same queries of :mod:`kvsqueeze.bench.multiagent`
+vLLM engines on the same HF folder (the packaged Qwen2.5-Coder-0.5B's, which ``kvsqueeze serve --engine vllm``
+or ``kvsqueeze.models.packaged_hf_folder`` saves) answer the same queries of :mod:`kvsqueeze.bench.multiagent`
 (agents with different roles over a shared document), interleaved query by query so a loaded machine slows
 them alike: ``full`` (no prefix caching: every prompt computed), ``prefix caching`` (vLLM's own, in 128-token
-blocks) and ``kvsqueeze`` (prefix caching plus :class:`kvsqueeze.vllm.connector.KVSqueezeConnector`). Each
-document is indexed once, after the first agent's header, on the two engines that cache (timed apart).
-Reported: accuracy, agreement with ``full``'s answers, reuse (prompts with KV from the connector; the share of
-prompt tokens not computed) and the summed time to first token as a ratio to ``full`` and to prefix caching.
+blocks) and ``kvsqueeze`` (prefix caching plus :class:`kvsqueeze.vllm.connector.KVSqueezeConnector`);
+``--engines 'full,prefix caching,kvsqueeze kvcomm'`` runs the connector with KVCOMM's offsets instead (its
+own block). Each document is indexed once, after the first agent's header, on the engines that cache (timed
+apart). Reported: accuracy, agreement with ``full``'s answers, reuse (prompts with KV from the connector; the
+share of prompt tokens not computed) and the summed time to first token as a ratio to ``full`` and to prefix
+caching. ``--render FILE --write`` republishes a saved run's block. Three fp32 engines hold about 16 GB.
 """
 
 from __future__ import annotations
@@ -120,6 +123,11 @@ def run(args: argparse.Namespace, engines: list[str]) -> dict:
 
     wall_start = time.perf_counter()
     model_dir = args.model_dir or str(cache_dir() / "models" / "qwen2.5-coder-0.5b-hf")
+    if not (Path(model_dir) / "config.json").is_file():
+        raise SystemExit(
+            f"no HF folder at {model_dir}: save it first with .venv/bin/python -c "
+            "\"from kvsqueeze.models import packaged_hf_folder; packaged_hf_folder('qwen2.5-coder-0.5b')\""
+        )
     llms = {name: engine(name, model_dir, 4096) for name in engines}
     tokenizer = llms["full"].get_tokenizer()
     queries = make_queries(
