@@ -71,7 +71,6 @@ class LoadJob:
     req_id: str
     slots: torch.Tensor  # (T,)
     placements: list[Placement]
-    block_ids: list[int]
 
 
 @dataclass
@@ -188,7 +187,7 @@ class KVSqueezeConnector(KVConnectorBase_V1):
             return
         start, end = loads[0].start, loads[-1].start + loads[-1].num_tokens
         slots = slots_of(tracked.block_ids, self.block_size, start, end)
-        meta.loads.append(LoadJob(req_id, slots, list(loads), list(tracked.block_ids)))
+        meta.loads.append(LoadJob(req_id, slots, list(loads)))
         self.loading.append((set(tracked.block_ids), [p.key for p in loads]))
 
     def _keep(self, meta: KVSqueezeMetadata, req_id: str, tracked: _Tracked, done: int) -> None:
@@ -241,7 +240,7 @@ class KVSqueezeConnector(KVConnectorBase_V1):
         for job in self._meta().loads:
             parts = [self._placed(p) for p in job.placements]
             if any(part is None for part in parts):
-                self.failed_blocks.update(job.block_ids[int(s) // self.block_size] for s in job.slots)
+                self.failed_blocks.update((job.slots // self.block_size).tolist())  # a slot's block id
                 logger.warning("request %s: stored rows are gone; vLLM recomputes them", job.req_id)
                 continue
             keys = torch.cat([k for k, _ in parts], dim=2)  # (L, H_kv, T, D)
