@@ -224,11 +224,12 @@ class ReuseIndex:
         if found:
             s, first_key = found[0]
             prefix = rows_key("p", ids[:s])
-            anchors = self._anchors(first_key, prefix)
-            if (s <= computed or prefix in self.prefixes) and anchors is None:
+            if s > computed and prefix not in self.prefixes:  # vLLM computes it all; keep the text before
+                plan.keeps.append(Keep("prefix", prefix, 0, s))
+            elif (anchors := self._anchors(first_key, prefix)) is None:  # KVCOMM: measure this agent first
                 n = len(self.segments[first_key])
                 plan.keeps.append(Keep("anchor", anchor_key(first_key, prefix), s, s + n, first_key, prefix))
-            elif s <= computed or prefix in self.prefixes:
+            else:
                 if s > computed:
                     plan.loads.append(Placement("prefix", prefix, computed, (computed, s)))
                 end = s
@@ -244,8 +245,6 @@ class ReuseIndex:
                         )
                     )
                     end = pos + last
-            elif s > 0:
-                plan.keeps.append(Keep("prefix", prefix, 0, s))
         loaded_end = plan.loads[-1].start + plan.loads[-1].num_tokens if plan.loads else computed
         for start, end in shared:
             key = rows_key("s", ids[start:end])
