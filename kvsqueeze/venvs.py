@@ -6,6 +6,7 @@ kvsqueeze cache, built once and checked by a marker file of the versions it hold
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,16 @@ from pathlib import Path
 def venv_python(path: Path) -> Path:
     """The interpreter of the venv at ``path``."""
     return path / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def is_ready(path: Path, marker: str, expected: dict[str, str]) -> bool:
+    """Whether the venv at ``path`` has its python and a marker file ``marker`` that records ``expected``."""
+    if not (venv_python(path).exists() and (path / marker).exists()):
+        return False
+    try:
+        return json.loads((path / marker).read_text()) == expected
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def last_line(text: str) -> str:

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from kvsqueeze.models import cache_dir
-from kvsqueeze.venvs import clean_env, create_venv, last_line, pip_install, run_step, venv_python
+from kvsqueeze.venvs import clean_env, create_venv, is_ready, last_line, pip_install, run_step, venv_python
 
 KVPRESS_VERSION = "0.5.5"
 KVPRESS_TRANSFORMERS = "5.2.0"
@@ -158,14 +158,9 @@ def ensure_kvpress_env(path: Path | None = None, *, progress: bool = True) -> Pa
     once everything imported; a venv whose marker matches is reused as is.
     """
     path = Path(path) if path is not None else default_env_path()
-    python = venv_python(path)
+    if is_ready(path, MARKER, _expected_marker()):
+        return venv_python(path)
     marker = path / MARKER
-    if python.exists() and marker.exists():
-        try:
-            if json.loads(marker.read_text()) == _expected_marker():
-                return python
-        except (OSError, json.JSONDecodeError):
-            pass
     steps = [
         [f"torch=={KVPRESS_TORCH}"],
         [f"kvpress=={KVPRESS_VERSION}", f"transformers=={KVPRESS_TRANSFORMERS}"],

