@@ -257,9 +257,10 @@ def main() -> None:
         if stage in stages:  # in kvpress's venv, float32; here only the tokenizer is needed
             from transformers import AutoTokenizer
 
-            from kvsqueeze.bench.baseline import model_folder, run_kvpress_baseline
+            from kvsqueeze.bench.baseline import run_kvpress_baseline
+            from kvsqueeze.models import hf_folder
 
-            tokenizer = AutoTokenizer.from_pretrained(model_folder(args.model))
+            tokenizer = AutoTokenizer.from_pretrained(hf_folder(args.model))
             run_kvpress_baseline(
                 tokenizer,
                 config(setting, target),

@@ -232,6 +232,7 @@ def test_serve_with_the_vllm_engine_execs_vllm_with_the_connector(monkeypatch, t
 
     folder = tmp_path / "model"
     folder.mkdir()
+    (folder / "config.json").write_text("{}")  # an HF folder, as vLLM loads
     python = tmp_path / "venv" / "bin" / "python"
     calls = []
     monkeypatch.setattr("kvsqueeze.vllm.env.ensure_vllm_env", lambda: python)
@@ -253,6 +254,13 @@ def test_serve_with_the_vllm_engine_execs_vllm_with_the_connector(monkeypatch, t
     (argv,) = calls
     assert argv[:5] == [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
     assert argv[argv.index("--port") + 1] == "9001" and argv[-2:] == ["--tensor-parallel-size", "2"]
+
+
+def test_serve_with_the_vllm_engine_needs_an_alias_or_an_hf_folder(capsys, tmp_path):
+    from kvsqueeze.cli.main import main
+
+    assert main(["serve", "--engine", "vllm", "--model", str(tmp_path)]) == 2  # a folder without config.json
+    assert "neither a packaged model alias nor a local HF folder" in capsys.readouterr().err
 
 
 def test_vllm_flags_without_the_vllm_engine_are_a_one_line_error(capsys):

