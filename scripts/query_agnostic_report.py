@@ -230,10 +230,11 @@ def main() -> None:
     args = parser.parse_args()
     stages = parse_stages(args.stages, STAGES)
     target = TARGETS[args.model]
-    if args.methods:  # a misspelled label would run nothing and say nothing
+    chosen = set(split_labels(args.methods)) if args.methods else None
+    if chosen is not None:  # a misspelled label would run nothing and say nothing
         settings = [s for s in ("query_agnostic", "query_aware") if s in stages]
         known = {m.label for setting in settings for m in config(setting, target).methods}
-        unknown = set(split_labels(args.methods)) - known
+        unknown = chosen - known
         if unknown or not settings:
             raise SystemExit(
                 f"--methods: unknown row(s) {sorted(unknown)} for stages {settings}; rows are {sorted(known)}"
@@ -244,8 +245,7 @@ def main() -> None:
         if setting in stages:
             model, tokenizer = kvsqueeze.load_model(args.model, dtype=target.dtypes[setting])
             rows = config(setting, target)
-            if args.methods:  # run only these now; the tables still show every row on disk
-                chosen = set(split_labels(args.methods))
+            if chosen is not None:  # run only these now; the tables still show every row on disk
                 rows = dataclasses.replace(rows, methods=[m for m in rows.methods if m.label in chosen])
             run_bench(model, tokenizer, rows, records_folder(target, setting), model_name=args.model)
     if "equal_bytes" in stages:
