@@ -42,10 +42,19 @@ ENGINE_TEXT = {
 }
 
 
+def _extra(engines: list[str]) -> list[str]:
+    """The engines a run adds to the default ones, as name parts (``kvsqueeze-kvcomm``)."""
+    return [name.replace(" ", "-") for name in engines if name not in DEFAULT_ENGINES.split(",")]
+
+
 def stem_of(engines: list[str]) -> str:
-    """The records' file stem and the RESULTS block's suffix of a run of ``engines``."""
-    extra = [name.replace(" ", "-") for name in engines if name not in DEFAULT_ENGINES.split(",")]
-    return "-".join(["qwen2.5-coder-0.5b-reuse", *extra])
+    """The records' file stem of a run of ``engines``."""
+    return "-".join(["qwen2.5-coder-0.5b-reuse", *_extra(engines)])
+
+
+def block_of(engines: list[str]) -> str:
+    """The docs/RESULTS.md block of a run of ``engines``: ``vllm_reuse``, or with the added engines."""
+    return "_".join(["vllm_reuse", *(name.replace("-", "_") for name in _extra(engines))])
 
 
 def engine(name: str, model_dir: str, max_model_len: int):
@@ -100,9 +109,8 @@ def main() -> None:
     if args.write:
         from kvsqueeze.bench.report import replace_block
 
-        engines = result["args"]["engines"].split(",")
-        suffix = stem_of(engines).removeprefix("qwen2.5-coder-0.5b-reuse").replace("-", "_")
-        replace_block(ROOT / "docs" / "RESULTS.md", f"vllm_reuse{suffix}", body)
+        block = block_of(result["args"]["engines"].split(","))
+        replace_block(ROOT / "docs" / "RESULTS.md", block, body)
 
 
 def run(args: argparse.Namespace, engines: list[str]) -> dict:
