@@ -267,6 +267,21 @@ def test_headline_average_leaves_out_tasks_the_full_cache_fails():
     assert snapkv[5:7] == ["40", "80"]  # every task, then the tasks the full cache passes
 
 
+def test_full_cache_size_is_the_full_rows_own():
+    """kvpress's rows may run in another dtype: the "Full cache" line reads the full row's records only."""
+
+    def record(source: str, method: str, full_bytes: int) -> dict:
+        sample = {"sample_id": "t-0", "score": 1.0, "kl": 0.0}
+        return dict(
+            source=source, setting="query_aware", method=method, budget=1.0 if method == "full" else 0.25,
+            task="t", length=300, score=1.0, kl=0.0, top1=1.0, cache_bytes=1, full_cache_bytes=full_bytes,
+            decode_tokens_per_second=1.0, compression_overhead=0.0, samples=[sample],
+        )  # fmt: skip
+
+    records = [record("kvsqueeze", "full", 2 * 2**20), record("kvpress", "kvzip", 4 * 2**20)]
+    assert "Full cache: 2.0 MiB on average per sample." in markdown_table(records, "query_aware")
+
+
 def test_two_profiles_of_one_method_are_two_rows(tmp_path):
     from kvsqueeze.methods.profiled import LayerProfile
 

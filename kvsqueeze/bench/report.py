@@ -98,7 +98,9 @@ def markdown_table(records: list[dict], setting: str) -> str:
             _num(mean_of(r["compression_overhead"] for r in every), 2),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    full_bytes = mean_of(r["full_cache_bytes"] for r in records)
+    # the full row's own records: kvpress's rows may run in another dtype, with another full cache
+    full_rows = [r for r in records if r["method"] == "full" and r.get("source") != "kvpress"] or records
+    full_bytes = mean_of(r["full_cache_bytes"] for r in full_rows)
     lines += ["", f"Full cache: {format_bytes(int(full_bytes))} on average per sample."]
     return "\n".join(lines)
 
