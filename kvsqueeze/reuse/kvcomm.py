@@ -271,10 +271,10 @@ class KVCOMM(ReusePolicy):
             prefix = None
             if i + 1 < len(pieces) and not pieces[i + 1].shared:
                 nxt = pieces[i + 1]
-                prefix = _sub(
+                prefix = measured_offset(
                     engine.rows(cache, nxt.start, nxt.end), template[i + 1], self.config.delta_dtype
                 )
-            anchor.offsets[agent] = Offsets(_sub(real, bases[i], self.config.delta_dtype), prefix)
+            anchor.offsets[agent] = Offsets(measured_offset(real, bases[i], self.config.delta_dtype), prefix)
         n = pieces[-1].end if pieces else 0
         return Built(cache, 0, n, dense=True, details={"anchors": {s: len(p) for s, p in self.pools.items()}})
 
@@ -320,5 +320,10 @@ def add_offsets(kv: SegmentKV, delta: SegmentKV) -> SegmentKV:
     return SegmentKV(keys, values)
 
 
-def _sub(real: SegmentKV, base: SegmentKV, dtype: torch.dtype) -> SegmentKV:
-    return SegmentKV((real.keys - base.keys.float()).to(dtype), (real.values - base.values.float()).to(dtype))
+def measured_offset(real: SegmentKV, base: SegmentKV, dtype: torch.dtype = torch.float32) -> SegmentKV:
+    """KVCOMM's measured offset ``real - base`` (what a dense prefill computed minus the reused rows), taken
+    in fp32 and stored in ``dtype``."""
+    return SegmentKV(
+        (real.keys.float() - base.keys.float()).to(dtype),
+        (real.values.float() - base.values.float()).to(dtype),
+    )

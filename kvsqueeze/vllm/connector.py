@@ -35,7 +35,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.logger import init_logger
 
 from kvsqueeze.quantization.rope import key_rotations
-from kvsqueeze.reuse.kvcomm import add_offsets, placeholder_delta
+from kvsqueeze.reuse.kvcomm import add_offsets, measured_offset, placeholder_delta
 from kvsqueeze.reuse.rope_shift import shift_keys
 from kvsqueeze.reuse.store import SegmentKV, SegmentStore
 from kvsqueeze.vllm.paged import BlockLayout, check_layout, probe_layout, read_rows, slots_of, write_rows
@@ -304,7 +304,7 @@ class KVSqueezeConnector(KVConnectorBase_V1):
                 base = self._at(job.keep.base, job.keep.start)
                 if base is None:
                     continue
-                kv = SegmentKV(keys.float() - base.keys.float(), values.float() - base.values.float())
+                kv = measured_offset(kv, base)
             ids = torch.zeros(job.keep.end - job.keep.start, dtype=torch.int32)  # the plan holds the tokens
             if self.store.put(job.keep.key, ids, kv):
                 self.origins[job.keep.key] = job.keep.start
