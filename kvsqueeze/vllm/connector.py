@@ -185,8 +185,7 @@ class KVSqueezeConnector(KVConnectorBase_V1):
         loads = tracked.plan.loads
         if not loads:
             return
-        start, end = loads[0].start, loads[-1].start + loads[-1].num_tokens
-        slots = slots_of(tracked.block_ids, self.block_size, start, end)
+        slots = slots_of(tracked.block_ids, self.block_size, loads[0].start, loads[-1].end)
         meta.loads.append(LoadJob(req_id, slots, list(loads)))
         self.loading.append((set(tracked.block_ids), [p.key for p in loads]))
 

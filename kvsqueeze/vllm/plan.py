@@ -56,6 +56,11 @@ class Placement:
     def num_tokens(self) -> int:
         return self.rows[1] - self.rows[0]
 
+    @property
+    def end(self) -> int:
+        """The prompt position after the last row written."""
+        return self.start + self.num_tokens
+
 
 @dataclass(frozen=True)
 class Keep:
@@ -245,7 +250,7 @@ class ReuseIndex:
                         )
                     )
                     end = pos + last
-        loaded_end = plan.loads[-1].start + plan.loads[-1].num_tokens if plan.loads else computed
+        loaded_end = plan.loads[-1].end if plan.loads else computed
         for start, end in shared:
             key = rows_key("s", ids[start:end])
             if start >= loaded_end and key not in self.segments:
