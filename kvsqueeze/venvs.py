@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -60,7 +61,9 @@ def create_venv(path: Path, what: str, progress: bool = True) -> Path:
     return python
 
 
-def pip_install(python: Path, packages: list[str], *, progress: bool = True, extra: list[str] = ()) -> None:
+def pip_install(
+    python: Path, packages: list[str], *, progress: bool = True, extra: Sequence[str] = ()
+) -> None:
     """``pip install packages`` into the venv of ``python`` (``extra``: more pip flags)."""
     if progress:
         print(
