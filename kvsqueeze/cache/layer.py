@@ -242,7 +242,9 @@ class SqueezeLayer(CacheLayerMixin):
         output = self._attention_output(module, obs, dropout)
         span = self.group.replay_span if self.group is not None else None
         if span is not None:  # a replay round scores the prompt's rows; nothing is compressed
-            scores = self.components.scorer.replay_scores(obs, span)  # (B, H_kv, T)
+            o_proj = getattr(module, "o_proj", None)  # KVzip+ weighs rows by what they write through it
+            weight = o_proj.weight if isinstance(o_proj, torch.nn.Linear) else None
+            scores = self.components.scorer.replay_scores(obs, span, weight)  # (B, H_kv, T)
             width = self.replay_scores.shape[-1]
             self.replay_scores = torch.maximum(self.replay_scores, scores[..., :width])
             self.rows.release()

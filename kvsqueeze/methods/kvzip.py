@@ -18,6 +18,10 @@ prefill; ``kvzap`` predicts these scores inside the one prefill instead. Needs t
 (``SqueezeCache(model, "kvzip", 0.25, tokenizer=tokenizer)``; ``kvsqueeze.generate`` passes both) and
 full-attention layers (not Gemma 3's sliding ones).
 
+``plus=True`` scores KVzip+ (the KVzap paper's teacher, kvpress's ``kvzip_plus_normalization``): each replay
+attention is weighed by ``||W_O v||`` of the row over ``||h||`` of the query's input, so a row that draws
+attention but writes little ranks low.
+
 With the question inside the compressed prompt (query-aware), a replay scores the question like any context
 it repeats, and at keep 0.1 it is often evicted (the kept-needle block of docs/RESULTS.md): ``window=16``
 always keeps the prompt's last rows, as ``kvzap`` does (query-aware at keep 0.1 on the 4k suite, with
@@ -46,6 +50,7 @@ class KVzip(Method):
     overlap: int = 8
     keep_header: bool = False  # True: the template's header always stays (scored +inf, not 0)
     window: int = 0  # the last rows always kept: 16 keeps a question asked inside the prompt, as kvzap does
+    plus: bool = False  # KVzip+: attention x ||W_O v|| / ||h||
 
     def validate(self) -> None:
         super().validate()
@@ -56,7 +61,7 @@ class KVzip(Method):
 
     def components(self) -> Components:
         return Components(
-            ReconstructionScorer(self.chunk_size, self.sinks, self.overlap, self.keep_header),
+            ReconstructionScorer(self.chunk_size, self.sinks, self.overlap, self.keep_header, self.plus),
             GlobalTopK(sinks=self.sinks, window=self.window),
             sinks=self.sinks,
             window=self.window,
