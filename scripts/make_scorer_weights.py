@@ -1,7 +1,9 @@
-"""Make the learned-scorer weights that ship for the packaged models (kvsqueeze/weights/kvzap-<alias>.safetensors).
+"""Make the learned-scorer weights that ship for the packaged models (kvsqueeze/weights/kvzap-<alias>.safetensors,
+and kvzap_plus-<alias>.safetensors fitted to KVzip+ scores).
 
     .venv/bin/python scripts/make_scorer_weights.py                      # every packaged model installed
     .venv/bin/python scripts/make_scorer_weights.py qwen2.5-coder-0.5b   # one
+    .venv/bin/python scripts/make_scorer_weights.py --teacher kvzip+ qwen2.5-coder-0.5b   # kvzap(plus=True)
 
 Each file is ``kvsqueeze calibrate --model ALIAS --method kvzap`` with the settings below (native kvzip run
 on offline documents, a ridge fit per layer; resumable), copied into the package. The file's metadata names
@@ -10,6 +12,7 @@ the model, its fingerprint, the documents, the training tokens, the held-out R^2
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 import sys
@@ -25,20 +28,29 @@ SETTINGS = ["--documents", "18", "--held-out", "2", "--tokens", "1024"]
 MODELS = {"smollm2-135m": "float32", "qwen2.5-coder-0.5b": "float32", "qwen2.5-coder-1.5b": "bfloat16"}
 
 
-def main(aliases: list[str]) -> None:
+def main(aliases: list[str], teacher: str) -> None:
+    from kvsqueeze.methods.kvzap import weights_name
     from kvsqueeze.models import is_installed, load_model
     from kvsqueeze.models.fingerprint import model_fingerprint
     from kvsqueeze.weights import SHIPPED_DIR, user_weights_path
 
+    name = weights_name(teacher == "kvzip+")
     for alias in aliases or [a for a in MODELS if is_installed(a)]:
         dtype = MODELS.get(alias, "float32")
-        command = ["calibrate", "--model", alias, "--dtype", dtype, *SETTINGS]
+        command = ["calibrate", "--model", alias, "--dtype", dtype, "--teacher", teacher, *SETTINGS]
         subprocess.run([sys.executable, "-m", "kvsqueeze.cli.main", *command], check=True)
         model, _ = load_model(alias, dtype=getattr(torch, dtype))  # the fingerprint calibrate saved under
-        made = user_weights_path("kvzap", model_fingerprint(model))
-        shutil.copyfile(made, SHIPPED_DIR / f"kvzap-{alias}.safetensors")
-        print(f"{alias}: {made} -> {SHIPPED_DIR / f'kvzap-{alias}.safetensors'}")
+        made = user_weights_path(name, model_fingerprint(model))
+        shipped = SHIPPED_DIR / f"{name}-{alias}.safetensors"
+        shutil.copyfile(made, shipped)
+        print(f"{alias}: {made} -> {shipped}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("aliases", nargs="*", help="packaged models (default: every one installed)")
+    parser.add_argument("--teacher", default="kvzip", choices=("kvzip", "kvzip+"))
+    args = parser.parse_args()
+    main(args.aliases, args.teacher)

@@ -43,15 +43,29 @@ def prompt_ids(tokenizer, text: str) -> torch.Tensor:
 
 
 def reference_scores(
-    tokenizer, ids: torch.Tensor, chunk_size: int, sinks: int = 4, overlap: int = 8, keep_header: bool = False
+    tokenizer,
+    ids: torch.Tensor,
+    chunk_size: int,
+    sinks: int = 4,
+    overlap: int = 8,
+    keep_header: bool = False,
+    plus: bool = False,
 ):
     """KVzip's scores from an eager model's full attention maps (B = 1), per layer (H_kv, L).
 
     Each round is one eager forward over prompt + replay; restricting the softmax to sinks, the chunk and
     the replay is a renormalization of the full probabilities over those columns. No round repeats the
-    template's header: it scores 0, or +inf (always kept) with ``keep_header``.
+    template's header: it scores 0, or +inf (always kept) with ``keep_header``. ``plus`` (KVzip+) multiplies
+    each probability by ``||W_O^(head) v||``, computed head by head, and divides it by the norm of the query
+    token's attention input, captured by a hook.
     """
     eager = tiny_model("llama", num_hidden_layers=3, seed=0, attn_implementation="eager")
+    inputs: dict[int, torch.Tensor] = {}
+    for index, block in enumerate(eager.model.layers):
+        block.self_attn.register_forward_pre_hook(
+            lambda m, a, kw, i=index: inputs.__setitem__(i, kw["hidden_states"][0]), with_kwargs=True
+        )
+    d = eager.config.head_dim
     text = ReplayText.for_tokenizer(tokenizer)
     prompt = ids[0].tolist()
     header = len(text.header)
@@ -63,7 +77,7 @@ def reference_scores(
         lead = text.repeat if r == 0 else text.resume + chunks[r - 1][-overlap:]
         replay = lead + text.turn + chunk
         with torch.no_grad():
-            out = eager(torch.tensor([prompt + replay]), output_attentions=True)
+            out = eager(torch.tensor([prompt + replay]), output_attentions=True, use_cache=True)
         start = header + r * chunk_size
         allowed = torch.zeros(length + len(replay), dtype=torch.bool)
         allowed[:sinks] = True
@@ -72,6 +86,16 @@ def reference_scores(
         for layer, attn in enumerate(out.attentions):  # (1, H, T, T)
             rows = attn[0, :, length:].float() * allowed  # replay queries
             rows = rows / rows.sum(-1, keepdim=True)
+            if plus:
+                values = out.past_key_values.layers[layer].values[0].float()  # (H_kv, T, D)
+                w_o = eager.model.layers[layer].self_attn.o_proj.weight.float()  # (D_model, H*D)
+                written = torch.stack(
+                    [
+                        (values[h // g] @ w_o[:, h * d : (h + 1) * d].T).norm(dim=-1)
+                        for h in range(rows.shape[0])
+                    ]
+                )  # (H, T)
+                rows = rows / inputs[layer][length:].float().norm(dim=-1)[None, :, None] * written[:, None]
             per_kv = rows.view(-1, g, *rows.shape[1:]).amax(dim=(1, 2))  # (H_kv, T)
             span = slice(start, start + len(chunk))
             best[layer, :, span] = torch.maximum(best[layer, :, span], per_kv[:, span])
@@ -80,15 +104,18 @@ def reference_scores(
     return best
 
 
-@pytest.mark.parametrize(("chunk_size", "keep_header"), [(1000, False), (48, False), (48, True)])
-def test_kvzip_scores_match_reference(llama, tokenizer, chunk_size, keep_header):
+@pytest.mark.parametrize(
+    ("chunk_size", "keep_header", "plus"),
+    [(1000, False, False), (48, False, False), (48, True, False), (48, False, True)],
+)
+def test_kvzip_scores_match_reference(llama, tokenizer, chunk_size, keep_header, plus):
     ids = prompt_ids(tokenizer, "The code for the north gate is 7302. " * 4)
     source = SqueezeCache(llama, "full", record_prefill=True, tokenizer=tokenizer)
     with torch.inference_mode():
         llama(ids, cache=source)
-    scores = source.replay_scores("kvzip", chunk_size=chunk_size, keep_header=keep_header)
+    scores = source.replay_scores("kvzip", chunk_size=chunk_size, keep_header=keep_header, plus=plus)
     got = torch.stack([s[0] for s in scores])  # (N, H_kv, L)
-    expected = reference_scores(tokenizer, ids, chunk_size, keep_header=keep_header)
+    expected = reference_scores(tokenizer, ids, chunk_size, keep_header=keep_header, plus=plus)
     assert got.shape == expected.shape
     finite = torch.isfinite(expected)
     assert torch.equal(torch.isfinite(got), finite)
@@ -141,13 +168,13 @@ def test_lossless_at_keep_one(arch, method, tokenizer):
     assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("method", ["kvzip", "kvzap"])
+@pytest.mark.parametrize("method", ["kvzip", "kvzip_plus", "kvzap"])
 def test_batched_equals_one_by_one(llama, tokenizer, method):
     texts = ["the lamp is red and the door is blue " * 3, "seven ducks swim " * 2, "a b c d e f g " * 4]
     built = (
-        get_method("kvzip", chunk_size=40)
-        if method == "kvzip"
-        else KVzap(window=2, fitted=random_weights(llama))
+        KVzap(window=2, fitted=random_weights(llama))
+        if method == "kvzap"
+        else get_method("kvzip", chunk_size=40, plus=method == "kvzip_plus")
     )
     header = ReplayText.for_tokenizer(tokenizer).header
     singles = [torch.tensor([header + tokenizer.encode(t, add_special_tokens=False)]) for t in texts]
@@ -288,17 +315,42 @@ def test_calibrate_end_to_end_and_resume(tmp_path, monkeypatch, tokenizer):
     assert weights.metadata["documents"] == "3" and int(weights.metadata["tokens"]) > 0
 
 
-def test_shipped_weights_serve_the_packaged_model(smollm2):
-    """A fresh machine runs kvzap on the packaged SmolLM2 with no calibration step."""
+def test_calibrate_to_kvzip_plus_keeps_its_own_weights(tmp_path, monkeypatch, tokenizer):
+    """`--teacher kvzip+` fits KVzip+ scores; `kvzap:plus=true` finds them, and plain kvzap does not."""
+    from kvsqueeze.cli.main import main
+    from kvsqueeze.models import load_model
+
+    monkeypatch.setenv("KVSQUEEZE_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny-llama"
+    tiny_model("llama", num_hidden_layers=2, seed=3).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    args = ["calibrate", "--model", str(folder), "--documents", "2", "--held-out", "1", "--tokens", "40"]
+    assert main([*args, "--teacher", "kvzip+"]) == 0
+    model, _ = load_model(str(folder))
+    cache = SqueezeCache(model, "kvzap", 0.5, plus=True)
+    assert cache.method.fitted.metadata["target"] == "log kvzip+ score"
+    with pytest.raises(ValueError, match="--method kvzap`"):
+        SqueezeCache(model, "kvzap", 0.5)
+
+
+def test_kvzap_plus_without_weights_names_the_teacher(llama):
+    with pytest.raises(ValueError, match="--method kvzap --teacher kvzip\\+"):
+        SqueezeCache(llama, "kvzap", 0.5, plus=True)
+
+
+@pytest.mark.parametrize("plus", [False, True])
+def test_shipped_weights_serve_the_packaged_model(smollm2, plus):
+    """A fresh machine runs kvzap (and kvzap:plus=true) on the packaged SmolLM2 with no calibration step."""
     import kvsqueeze
+    from kvsqueeze.methods.kvzap import weights_name
     from kvsqueeze.models.fingerprint import model_fingerprint
     from kvsqueeze.weights import shipped_weights
 
     model, tokenizer = smollm2
-    shipped = {ScorerWeights.load(p).fingerprint for p in shipped_weights("kvzap")}
+    shipped = {ScorerWeights.load(p).fingerprint for p in shipped_weights(weights_name(plus))}
     assert model_fingerprint(model) in shipped
     prompt = "The locker code is 4471. The weather was mild and the meeting ran long. " * 8
-    result = kvsqueeze.generate(model, tokenizer, prompt, "kvzap", 0.5, max_new_tokens=4)
+    result = kvsqueeze.generate(model, tokenizer, prompt, "kvzap", 0.5, max_new_tokens=4, plus=plus)
     assert result.cache_bytes < 0.6 * result.full_cache_bytes
 
 
@@ -314,6 +366,22 @@ def test_weights_ship_for_every_full_attention_packaged_model():
     assert set(shipped) == full_attention
     layers = {"smollm2-135m": 30, "qwen2.5-coder-0.5b": 24, "qwen2.5-coder-1.5b": 28}
     assert {alias: w.num_layers for alias, w in shipped.items()} == layers
+
+
+def test_kvzip_plus_weights_ship_for_the_measured_models():
+    """kvzap(plus=True)'s weights (fitted to KVzip+) ship for the two models the query-agnostic blocks measure."""
+    from kvsqueeze.weights import shipped_weights
+
+    shipped = {
+        ScorerWeights.load(p).metadata["model"]: ScorerWeights.load(p) for p in shipped_weights("kvzap_plus")
+    }
+    assert {alias: w.num_layers for alias, w in shipped.items()} == {
+        "smollm2-135m": 30,
+        "qwen2.5-coder-0.5b": 24,
+    }
+    assert {w.metadata["target"] for w in shipped.values()} == {"log kvzip+ score"}
+    plain = {ScorerWeights.load(p).metadata["target"] for p in shipped_weights("kvzap")}
+    assert plain == {"log kvzip score"}
 
 
 def test_kvzip_window_keeps_the_prompts_last_rows(llama, tokenizer):

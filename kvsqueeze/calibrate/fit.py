@@ -137,6 +137,11 @@ def document_scores(
     return hidden, [s[0].T for s in scores]
 
 
+def teacher_name(kvzip: KVzip) -> str:
+    """``kvzip`` or ``kvzip+``: what a scorer's targets were."""
+    return "kvzip+" if kvzip.plus else "kvzip"
+
+
 @torch.inference_mode()
 def calibrate_kvzap(
     model: PreTrainedModel,
@@ -147,23 +152,27 @@ def calibrate_kvzap(
     tokens: int = 2048,
     held_out: int = 4,
     ridge: float = 1.0,
+    teacher: KVzip | None = None,
     metadata: dict[str, str] | None = None,
     progress: bool = True,
 ) -> CalibrationResult:
-    """Fit per-layer linear maps from attention inputs to log KVzip scores; resumes from ``state_path``."""
+    """Fit per-layer linear maps from attention inputs to log KVzip scores; resumes from ``state_path``.
+
+    ``teacher`` is the kvzip whose scores are the targets (default: ``KVzip()``; ``KVzip(plus=True)`` fits
+    KVzip+ scores, the KVzap paper's targets)."""
     from tqdm.auto import tqdm
 
     if documents <= held_out:
         raise ValueError(f"calibration needs more documents ({documents}) than it holds out ({held_out})")
     config = model.config.get_text_config(decoder=True)
     layers, dim, heads = config.num_hidden_layers, config.hidden_size, config.num_key_value_heads
-    settings = {"documents": documents, "tokens": tokens, "held_out": held_out}
+    kvzip = teacher if teacher is not None else KVzip()
+    settings = {"documents": documents, "tokens": tokens, "held_out": held_out, "plus": int(kvzip.plus)}
     state = CalibrationState.load(state_path, settings) or CalibrationState(
         RidgeStatistics.zeros(layers, dim, heads),
         RidgeStatistics.zeros(layers, dim, heads),
         settings=settings,
     )
-    kvzip = KVzip()
     header = ReplayText.for_tokenizer(tokenizer).header
     texts = calibration_documents(tokenizer, documents, tokens)
     bar = tqdm(total=documents, initial=state.done, desc="calibrate kvzap", unit="doc", disable=not progress)
@@ -187,7 +196,7 @@ def calibrate_kvzap(
     meta = {
         **(metadata or {}),
         "kind": "linear",
-        "target": "log kvzip score",
+        "target": f"log {teacher_name(kvzip)} score",
         "documents": str(documents),
         "tokens": str(state.train.rows),
         "document_tokens": str(tokens),

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 LEARNED_METHODS = ("kvzap",)
+TEACHERS = ("kvzip", "kvzip+")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +23,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int, default=2048, help="tokens per document (default: 2048)")
     p.add_argument("--held-out", type=int, default=4, help="documents held out to measure R^2 (default: 4)")
     p.add_argument("--ridge", type=float, default=1.0, help="ridge penalty of the linear fit (default: 1)")
-    p.add_argument("--out", help="weights file (default: the user cache, where --method kvzap finds it)")
+    p.add_argument(
+        "--teacher",
+        default="kvzip",
+        choices=TEACHERS,
+        help="the scores fitted: kvzip's, or kvzip+'s (attention x ||W_O v|| / ||h||) (default: kvzip)",
+    )
+    p.add_argument(
+        "--out",
+        help="weights file (default: the user cache, where kvzap finds it; kvzap:plus=true for --teacher kvzip+)",
+    )
     p.set_defaults(run=run_calibrate)
 
 
@@ -41,9 +52,12 @@ def run_calibrate(args: argparse.Namespace) -> int:
     name = args.model or DEFAULT_MODEL
     model, tokenizer = _load(args)
     from kvsqueeze.calibrate.fit import calibrate_kvzap
+    from kvsqueeze.methods.kvzap import weights_name
+    from kvsqueeze.methods.kvzip import KVzip
 
     fingerprint = model_fingerprint(model)
-    destination = user_weights_path(args.method, fingerprint)
+    plus = args.teacher == "kvzip+"
+    destination = Path(args.out) if args.out else user_weights_path(weights_name(plus), fingerprint)
     state = destination.with_suffix(".state.pt")
     result = calibrate_kvzap(
         model,
@@ -53,9 +67,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
         tokens=args.tokens,
         held_out=args.held_out,
         ridge=args.ridge,
+        teacher=KVzip(plus=plus),
         metadata={"model": name, "fingerprint": fingerprint, "dtype": args.dtype},
     )
-    out = result.weights.save(args.out or destination)
+    out = result.weights.save(destination)
     print(
         f"{args.method} scorer for {name} ({fingerprint}): {result.documents} documents, {result.tokens} "
         f"training tokens, held-out R^2 {result.held_out_r2:.3f}, {result.seconds:.0f} s -> {out}"

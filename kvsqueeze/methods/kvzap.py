@@ -10,6 +10,10 @@ stay (kvpress's KVzap keeps a recent window too; it thresholds scores, here a bu
 The weights are fitted per model by ``kvsqueeze calibrate --model M --method kvzap`` (native ``kvzip`` run on
 offline documents, :mod:`kvsqueeze.calibrate`) and found by the model's fingerprint; the packaged models'
 weights ship with kvsqueeze (:mod:`kvsqueeze.weights`). ``weights=PATH`` takes a file explicitly.
+
+``plus=True`` uses weights fitted to KVzip+ scores instead (``kvzip(plus=True)``: replay attention weighed by
+``||W_O v|| / ||h||``, the targets of the KVzap paper), made by ``kvsqueeze calibrate --teacher kvzip+`` and
+kept apart from the KVzip-fitted ones (``kvzap_plus`` in the user cache and the package).
 """
 
 from __future__ import annotations
@@ -24,6 +28,11 @@ from kvsqueeze.methods.base import Components, Method, register
 from kvsqueeze.scorers.learned import LearnedScorer, ScorerWeights
 
 
+def weights_name(plus: bool) -> str:
+    """Where kvzap's weights live (user cache folder, shipped file prefix): by the scores they were fitted to."""
+    return "kvzap_plus" if plus else "kvzap"
+
+
 @register
 @dataclass
 class KVzap(Method):
@@ -34,6 +43,7 @@ class KVzap(Method):
     sinks: int = 4
     window: int = 16
     weights: str = ""  # a weights file; "" finds the calibrated or shipped weights of the model
+    plus: bool = False  # weights fitted to KVzip+ scores (calibrate --teacher kvzip+) instead of KVzip's
     # the loaded weights (set by `for_model`, not a hyperparameter)
     fitted: ScorerWeights | None = field(default=None, repr=False, compare=False, metadata={"internal": True})
 
@@ -50,11 +60,12 @@ class KVzap(Method):
         from kvsqueeze.weights import find_scorer_weights
 
         fingerprint = model_fingerprint(model)
-        fitted = find_scorer_weights(self.name, fingerprint)
+        fitted = find_scorer_weights(weights_name(self.plus), fingerprint)
         if fitted is None:
+            what, teacher = ("kvzap(plus=True)", " --teacher kvzip+") if self.plus else ("kvzap", "")
             raise ValueError(
-                f"no kvzap scorer weights for this model (fingerprint {fingerprint}); fit them with "
-                "`kvsqueeze calibrate --model MODEL --method kvzap`"
+                f"no {what} scorer weights for this model (fingerprint {fingerprint}); fit them with "
+                f"`kvsqueeze calibrate --model MODEL --method kvzap{teacher}`"
             )
         return dataclasses.replace(self, fitted=fitted)
 

@@ -7,6 +7,9 @@ model's fingerprint (:func:`kvsqueeze.models.fingerprint.model_fingerprint`):
    ``kvsqueeze calibrate --model M --method kvzap``;
 2. the weights shipped in this folder for the packaged models (``<method>-<alias>.safetensors``, made by
    ``scripts/make_scorer_weights.py``), matched by the fingerprint in their metadata.
+
+``<method>`` is ``kvzap`` for weights fitted to KVzip's scores and ``kvzap_plus`` for those fitted to KVzip+'s
+(``calibrate --teacher kvzip+``, used by ``kvzap:plus=true``).
 """
 
 from __future__ import annotations
