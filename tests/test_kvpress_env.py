@@ -110,8 +110,11 @@ def test_press_table_special_cases():
     assert adakv.cls == "AdaKVPress" and adakv.inner is not None and adakv.inner.cls == "SnapKVPress"
     assert adakv.masks and KVPRESS_PRESSES["kvzip"].masks
     assert not KVPRESS_PRESSES["snapkv"].masks
-    assert KVPRESS_PRESSES["kvzip"].share == "scores"
-    assert {r.share for n, r in KVPRESS_PRESSES.items() if n != "kvzip"} == {"prefill"}
+    plus = KVPRESS_PRESSES["kvzip_plus"]
+    assert plus.cls == "KVzipPress" and plus.kwargs == {"kvzip_plus_normalization": True} and plus.masks
+    assert KVPRESS_PRESSES["kvzip"].share == "scores" and plus.share == "scores"
+    replays = {"kvzip", "kvzip_plus"}
+    assert {r.share for n, r in KVPRESS_PRESSES.items() if n not in replays} == {"prefill"}
 
 
 def test_press_recipe_rejects_unknown_share():
@@ -390,6 +393,28 @@ def test_kvpress_runs_two_presses_on_a_tiny_llama(tmp_path, smollm2):
     fidelity = [r for r in rows if r["id"] == "a" and r["press"] != "full"]
     assert all(r["kl"] >= 0 and 0 <= r["top1_agreement"] <= 1 for r in fidelity)
     assert all(r["kl"] is None for r in rows if r["id"] == "b")
+
+
+@pytest.mark.slow
+def test_kvpress_runs_kvzip_plus_beside_kvzip(smollm2):
+    """The kvzip_plus recipe reaches KVzipPress's kvzip_plus_normalization: both rows run, and they differ."""
+    from kvsqueeze.bench.kvpress_env import ensure_kvpress_env, run_kvpress
+    from kvsqueeze.models import packaged_hf_folder
+
+    _, tokenizer = smollm2  # a trained model: kvpress's masking finds no fake keys on random weights
+    teacher = tokenizer.encode(" in room 107.", add_special_tokens=False)
+    result = run_kvpress(
+        packaged_hf_folder("smollm2-135m", progress=False),
+        [_request(id="a", context=_story(40), teacher_ids=teacher)],
+        presses=["kvzip", "kvzip_plus"],
+        keep_ratios=[0.25],
+        python=ensure_kvpress_env(progress=False),
+        timeout=600,
+    )
+    rows = {r["press"]: r for r in result["rows"]}
+    assert set(rows) == {"full", "kvzip", "kvzip_plus"}
+    assert not [r.get("error") for r in rows.values() if "error" in r]
+    assert rows["kvzip"]["kl"] != rows["kvzip_plus"]["kl"]  # other rows kept: the normalization ran
 
 
 def _story(sentences: int) -> str:

@@ -102,6 +102,9 @@ KVPRESS_PRESSES: dict[str, PressRecipe] = {
     "adakv_snapkv": PressRecipe("AdaKVPress", inner=PressRecipe("SnapKVPress"), masks=True),
     # Scores by replaying the context (2-3 prefills); only compress_post depends on the ratio.
     "kvzip": PressRecipe("KVzipPress", masks=True, share="scores"),
+    "kvzip_plus": PressRecipe(
+        "KVzipPress", {"kvzip_plus_normalization": True}, masks=True, share="scores"
+    ),  # KVzip+, the KVzap paper's teacher
 }
 
 REQUEST_FIELDS: dict[str, type] = {
