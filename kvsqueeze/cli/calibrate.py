@@ -71,8 +71,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
         metadata={"model": name, "fingerprint": fingerprint, "dtype": args.dtype},
     )
     out = result.weights.save(destination)
+    label = f"{args.method}(plus=True)" if plus else args.method
     print(
-        f"{args.method} scorer for {name} ({fingerprint}): {result.documents} documents, {result.tokens} "
-        f"training tokens, held-out R^2 {result.held_out_r2:.3f}, {result.seconds:.0f} s -> {out}"
+        f"{label} scorer for {name} ({fingerprint}): {result.documents} documents, {result.tokens} training "
+        f"tokens, held-out R^2 {result.held_out_r2:.3f}, {result.seconds:.0f} s -> {out}"
     )
     return 0
