@@ -142,3 +142,28 @@ def test_the_openai_client_stores_a_document_and_a_later_prompt_loads_it(vllm_se
         second.model_extra["kv_transfer_params"]["kvsqueeze"]["loaded_tokens"] == stored - stored // 128 * 128
     )
     assert "4821" in second.choices[0].text
+
+
+def test_kvcomm_anchors_let_another_agents_prompt_load_the_shared_document():
+    """The kvcomm policy measures anchors on the first prompts, then loads the document's rows under another
+    agent's header (shifted by its anchors' offsets), and those prompts still answer right."""
+    from kvsqueeze.models import packaged_hf_folder
+
+    try:
+        folder = packaged_hf_folder("qwen2.5-coder-0.5b", progress=False)
+    except ValueError as err:
+        pytest.skip(f"the packaged Qwen2.5-Coder-0.5B is not installed ({err})")
+    proc = subprocess.run(
+        [str(venv_python(VENV)), str(ROUNDTRIP.with_name("anchors.py")), str(folder)],
+        capture_output=True,
+        text=True,
+        env=clean_env() | {"OMP_NUM_THREADS": "1"},
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # vLLM's engine process logs its shutdown to stdout after the result line
+    line = next(x for x in reversed(proc.stdout.splitlines()) if x.startswith('{"prompts"'))
+    prompts = json.loads(line)["prompts"]
+    loaded = [p for p in prompts if p["connector"].get("loaded_tokens", 0) > 0]
+    assert loaded, prompts  # some prompt loaded the shared rows through the anchors
+    assert all(p["right"] for p in loaded), loaded
