@@ -14,7 +14,8 @@ docs/bench/qwen2.5-coder-1.5b/bfloat16, beside its quantization rows' full-cache
 sample, so an interrupted run resumes and nothing is computed twice. Stages: ``query_agnostic`` (kvzip and
 kvzap at 0.1 and 0.25), ``kvpress`` (kvpress's KVzip on the same samples, its own venv, float32),
 ``query_aware`` (kvzip, kvzap, SnapKV and CAKE with the question inside the compressed prompt) and
-``kvpress_query_aware`` (kvpress's KVzip there), and ``equal_bytes`` (query-agnostic at the bytes of keep 0.1
+``kvpress_query_aware`` (kvpress's KVzip there), ``kvpress_plus`` (kvpress's KVzip+ query-agnostic, beside
+``kvzip(plus=True)``), and ``equal_bytes`` (query-agnostic at the bytes of keep 0.1
 and 0.25: kvzap there, beside kvzap keeping more and quantizing it). kvpress's records hold
 each sample's score, so its rows are paired with ours sample by sample.
 """
@@ -84,15 +85,30 @@ TARGETS = {
 }
 REPEAT_SAMPLES = 3
 BUDGETS = (0.1, 0.25)
-STAGES = ("query_agnostic", "kvpress", "query_aware", "kvpress_query_aware", "equal_bytes")
-KVPRESS_STAGES = {"kvpress": "query_agnostic", "kvpress_query_aware": "query_aware"}
+STAGES = ("query_agnostic", "kvpress", "query_aware", "kvpress_query_aware", "equal_bytes", "kvpress_plus")
+# kvpress stage -> (setting, press); kvpress's KVzip+ (kvzip_plus) keeps its records in a folder of its own
+KVPRESS_STAGES = {
+    "kvpress": ("query_agnostic", "kvzip"),
+    "kvpress_query_aware": ("query_aware", "kvzip"),
+    "kvpress_plus": ("query_agnostic", "kvzip_plus"),
+}
+KVPRESS_ROWS = {"kvzip": "kvzip", "kvzip_plus": "kvzip(plus=True)"}  # kvpress press -> our row it matches
 # kvzip(keep_header=True) keeps the chat template's header whole (kvzip's default until 2026-12-07; the
 # query-aware rows ran with it). Query-aware also runs it with a recent window at 0.1, where a replay scores
 # the question like any context and evicts it, and cake, the grid's best query-aware eviction method (the bench
 # block), on the same samples
 KEEP_HEADER = {"keep_header": True}
+PLUS = {
+    "plus": True
+}  # KVzip+: each replay attention weighed by ||W_O v|| / ||h|| (the KVzap paper's teacher)
 ROWS = {
-    "query_agnostic": (MethodSpec("kvzip"), MethodSpec("kvzip", KEEP_HEADER), MethodSpec("kvzap")),
+    "query_agnostic": (
+        MethodSpec("kvzip"),
+        MethodSpec("kvzip", KEEP_HEADER),
+        MethodSpec("kvzip", PLUS),
+        MethodSpec("kvzap"),
+        MethodSpec("kvzap", PLUS),
+    ),
     "query_aware": (
         MethodSpec("kvzip", KEEP_HEADER),
         MethodSpec("kvzip", {**KEEP_HEADER, "window": 16}, budgets=(0.1,)),
@@ -141,10 +157,18 @@ def records_folder(target: Target, setting: str) -> Path:
     return target.out if name == "float32" else target.out / name
 
 
+def kvpress_folder(target: Target, press: str) -> Path:
+    """Where a kvpress press's records live (``<folder>/kvpress/<setting>/<task>/<length>.json``)."""
+    return target.out if press == "kvzip" else target.out / press
+
+
 def kvpress_records(target: Target, setting: str) -> list[dict]:
     records = []
-    for path in sorted((target.out / "kvpress" / setting).rglob(f"{target.length}.json")):
-        records += [r for r in json.loads(path.read_text())["records"] if r["method"] == "kvzip"]
+    for press in KVPRESS_ROWS:
+        for path in sorted(
+            (kvpress_folder(target, press) / "kvpress" / setting).rglob(f"{target.length}.json")
+        ):
+            records += [r for r in json.loads(path.read_text())["records"] if r["method"] == press]
     return records
 
 
@@ -253,7 +277,7 @@ def main() -> None:
         run_bench(
             model, tokenizer, equal_bytes_config(target), target.out / "bfloat16", model_name=args.model
         )
-    for stage, setting in KVPRESS_STAGES.items():
+    for stage, (setting, press) in KVPRESS_STAGES.items():
         if stage in stages:  # in kvpress's venv, float32; here only the tokenizer is needed
             from transformers import AutoTokenizer
 
@@ -264,9 +288,9 @@ def main() -> None:
             run_kvpress_baseline(
                 tokenizer,
                 config(setting, target),
-                target.out,
+                kvpress_folder(target, press),
                 args.model,
-                presses=("kvzip",),
+                presses=(press,),
                 teachers_in=records_folder(target, setting),
             )
     command = COMMAND if target.block == "query_agnostic" else f"{COMMAND} --model {args.model}"
@@ -279,6 +303,12 @@ def main() -> None:
             if kvpress_records(target, "query_agnostic") or kvpress_records(target, "query_aware")
             else ""
         ),
+        "",
+        "`kvzip(plus=True)` scores KVzip+, the KVzap paper's teacher: each replay attention is weighed by "
+        "`||W_O v||` of the row over `||h||` of the query's input before the max (`kvpress kvzip_plus` is "
+        "kvpress's `KVzipPress(kvzip_plus_normalization=True)`, `--stages kvpress_plus`). `kvzap(plus=True)` "
+        "is kvzap with weights fitted to those scores (`scripts/make_scorer_weights.py --teacher kvzip+`); "
+        "plain `kvzap` is fitted to KVzip's.",
     ]
     for setting in ("query_agnostic", "query_aware"):
         records = load_records(config(setting, target), records_folder(target, setting))
@@ -304,9 +334,16 @@ def main() -> None:
         if setting == "query_aware":  # the issue's query-aware target: not below snapkv at any ratio
             for budget in BUDGETS:
                 lines += against(records, budget, "snapkv", "snapkv")
-        theirs = {r["budget"] for r in records if r.get("source") == "kvpress" and r.get("samples")}
+        theirs = {
+            r["budget"]
+            for r in records
+            if r.get("source") == "kvpress" and r["method"] == "kvzip" and r.get("samples")
+        }
         for budget in sorted(theirs):  # the issue's: ahead of kvpress's KVzip on the same samples
             lines += against(records, budget, "kvpress kvzip", "kvpress's KVzip (float32)")
+        plus = {r["budget"] for r in records if r.get("source") == "kvpress" and r["method"] == "kvzip_plus"}
+        for budget in sorted(plus):  # our KVzip+ against theirs, on the samples both ran
+            lines += against(records, budget, "kvpress kvzip_plus", "kvpress's KVzip+ (float32)")
         if setting == "query_agnostic" and target.block == "query_agnostic" and not theirs:
             zero = sample_zero_lines(records)
             if zero:
