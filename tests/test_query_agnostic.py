@@ -278,16 +278,22 @@ def test_scorer_file_round_trips(tmp_path, kind):
         ScorerWeights.load(tmp_path / "other.safetensors")
 
 
+def calibration_folder(tmp_path, monkeypatch, tokenizer):
+    """A tiny llama saved as an HF folder, with the user cache (where calibrate writes) under ``tmp_path``."""
+    monkeypatch.setenv("KVSQUEEZE_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny-llama"
+    tiny_model("llama", num_hidden_layers=2, seed=3).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def test_calibrate_end_to_end_and_resume(tmp_path, monkeypatch, tokenizer):
     """The CLI fits weights for an HF folder; `--method kvzap` then finds them; an interrupted run resumes."""
     from kvsqueeze.calibrate import fit
     from kvsqueeze.cli.main import main
     from kvsqueeze.models import load_model
 
-    monkeypatch.setenv("KVSQUEEZE_CACHE", str(tmp_path / "cache"))
-    folder = tmp_path / "tiny-llama"
-    tiny_model("llama", num_hidden_layers=2, seed=3).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    folder = calibration_folder(tmp_path, monkeypatch, tokenizer)
     args = ["calibrate", "--model", str(folder), "--documents", "3", "--held-out", "1", "--tokens", "48"]
 
     scored = []
@@ -320,10 +326,7 @@ def test_calibrate_to_kvzip_plus_keeps_its_own_weights(tmp_path, monkeypatch, to
     from kvsqueeze.cli.main import main
     from kvsqueeze.models import load_model
 
-    monkeypatch.setenv("KVSQUEEZE_CACHE", str(tmp_path / "cache"))
-    folder = tmp_path / "tiny-llama"
-    tiny_model("llama", num_hidden_layers=2, seed=3).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    folder = calibration_folder(tmp_path, monkeypatch, tokenizer)
     args = ["calibrate", "--model", str(folder), "--documents", "2", "--held-out", "1", "--tokens", "40"]
     assert main([*args, "--teacher", "kvzip+"]) == 0
     model, _ = load_model(str(folder))
