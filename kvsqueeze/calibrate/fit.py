@@ -167,7 +167,9 @@ def calibrate_kvzap(
     config = model.config.get_text_config(decoder=True)
     layers, dim, heads = config.num_hidden_layers, config.hidden_size, config.num_key_value_heads
     kvzip = teacher if teacher is not None else KVzip()
-    settings = {"documents": documents, "tokens": tokens, "held_out": held_out, "plus": int(kvzip.plus)}
+    settings = {"documents": documents, "tokens": tokens, "held_out": held_out}
+    if kvzip.plus:  # a KVzip-fitted state saved before KVzip+ existed still resumes
+        settings["plus"] = 1
     state = CalibrationState.load(state_path, settings) or CalibrationState(
         RidgeStatistics.zeros(layers, dim, heads),
         RidgeStatistics.zeros(layers, dim, heads),
