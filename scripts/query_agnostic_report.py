@@ -92,15 +92,15 @@ KVPRESS_STAGES = {
     "kvpress_query_aware": ("query_aware", "kvzip"),
     "kvpress_plus": ("query_agnostic", "kvzip_plus"),
 }
-KVPRESS_ROWS = {"kvzip": "kvzip", "kvzip_plus": "kvzip(plus=True)"}  # kvpress press -> our row it matches
+# the kvpress presses the report reads, and how its paired tables name them
+KVPRESS_RUN = {"kvzip": "kvpress's KVzip (float32)", "kvzip_plus": "kvpress's KVzip+ (float32)"}
 # kvzip(keep_header=True) keeps the chat template's header whole (kvzip's default until 2026-12-07; the
 # query-aware rows ran with it). Query-aware also runs it with a recent window at 0.1, where a replay scores
 # the question like any context and evicts it, and cake, the grid's best query-aware eviction method (the bench
 # block), on the same samples
 KEEP_HEADER = {"keep_header": True}
-PLUS = {
-    "plus": True
-}  # KVzip+: each replay attention weighed by ||W_O v|| / ||h|| (the KVzap paper's teacher)
+# KVzip+: each replay attention weighed by ||W_O v|| / ||h|| (the KVzap paper's teacher)
+PLUS = {"plus": True}
 ROWS = {
     "query_agnostic": (
         MethodSpec("kvzip"),
@@ -164,7 +164,7 @@ def kvpress_folder(target: Target, press: str) -> Path:
 
 def kvpress_records(target: Target, setting: str) -> list[dict]:
     records = []
-    for press in KVPRESS_ROWS:
+    for press in KVPRESS_RUN:
         for path in sorted(
             (kvpress_folder(target, press) / "kvpress" / setting).rglob(f"{target.length}.json")
         ):
@@ -334,16 +334,15 @@ def main() -> None:
         if setting == "query_aware":  # the query-aware target: not below snapkv at any ratio
             for budget in BUDGETS:
                 lines += against(records, budget, "snapkv", "snapkv")
-        theirs = {
-            r["budget"]
-            for r in records
-            if r.get("source") == "kvpress" and r["method"] == "kvzip" and r.get("samples")
-        }
-        for budget in sorted(theirs):  # the issue's: ahead of kvpress's KVzip on the same samples
-            lines += against(records, budget, "kvpress kvzip", "kvpress's KVzip (float32)")
-        plus = {r["budget"] for r in records if r.get("source") == "kvpress" and r["method"] == "kvzip_plus"}
-        for budget in sorted(plus):  # our KVzip+ against theirs, on the samples both ran
-            lines += against(records, budget, "kvpress kvzip_plus", "kvpress's KVzip+ (float32)")
+        # the issue's: ahead of kvpress's KVzip on the same samples (and our KVzip+ against theirs)
+        ran = {press: set() for press in KVPRESS_RUN}
+        for r in records:
+            if r.get("source") == "kvpress" and r.get("samples"):
+                ran[r["method"]].add(r["budget"])
+        for press, name in KVPRESS_RUN.items():
+            for budget in sorted(ran[press]):
+                lines += against(records, budget, f"kvpress {press}", name)
+        theirs = ran["kvzip"]
         if setting == "query_agnostic" and target.block == "query_agnostic" and not theirs:
             zero = sample_zero_lines(records)
             if zero:
