@@ -28,8 +28,12 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def roundtrip() -> dict:
+def run_in_vllm_venv(script: Path) -> dict:
+    """Run ``script`` on the packaged Qwen2.5-Coder-0.5B in the vLLM venv; the JSON line it prints last.
+
+    vLLM's engine process may log its shutdown to stdout after that line, so the last line that is a JSON
+    object is read.
+    """
     from kvsqueeze.models import packaged_hf_folder
 
     try:
@@ -37,14 +41,19 @@ def roundtrip() -> dict:
     except ValueError as err:
         pytest.skip(f"the packaged Qwen2.5-Coder-0.5B is not installed ({err})")
     proc = subprocess.run(
-        [str(venv_python(VENV)), str(ROUNDTRIP), str(folder)],
+        [str(venv_python(VENV)), str(script), str(folder)],
         capture_output=True,
         text=True,
         env=clean_env() | {"OMP_NUM_THREADS": "1"},
         timeout=1200,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(next(x for x in reversed(proc.stdout.splitlines()) if x.startswith("{")))
+
+
+@pytest.fixture(scope="module")
+def roundtrip() -> dict:
+    return run_in_vllm_venv(ROUNDTRIP)
 
 
 def test_the_block_layout_is_probed_consistently(roundtrip):
@@ -147,23 +156,7 @@ def test_the_openai_client_stores_a_document_and_a_later_prompt_loads_it(vllm_se
 def test_kvcomm_anchors_let_another_agents_prompt_load_the_shared_document():
     """The kvcomm policy measures anchors on the first prompts, then loads the document's rows under another
     agent's header (shifted by its anchors' offsets), and those prompts still answer right."""
-    from kvsqueeze.models import packaged_hf_folder
-
-    try:
-        folder = packaged_hf_folder("qwen2.5-coder-0.5b", progress=False)
-    except ValueError as err:
-        pytest.skip(f"the packaged Qwen2.5-Coder-0.5B is not installed ({err})")
-    proc = subprocess.run(
-        [str(venv_python(VENV)), str(ROUNDTRIP.with_name("anchors.py")), str(folder)],
-        capture_output=True,
-        text=True,
-        env=clean_env() | {"OMP_NUM_THREADS": "1"},
-        timeout=1200,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    # vLLM's engine process logs its shutdown to stdout after the result line
-    line = next(x for x in reversed(proc.stdout.splitlines()) if x.startswith('{"prompts"'))
-    prompts = json.loads(line)["prompts"]
+    prompts = run_in_vllm_venv(ROUNDTRIP.with_name("anchors.py"))["prompts"]
     loaded = [p for p in prompts if p["connector"].get("loaded_tokens", 0) > 0]
     assert loaded, prompts  # some prompt loaded the shared rows through the anchors
     assert all(p["right"] for p in loaded), loaded
