@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from kvsqueeze.cli.calibrate import TEACHERS
+
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ["--documents", "18", "--held-out", "2", "--tokens", "1024"]
 # full-attention packaged models (kvzip needs no sliding layers) and the dtype each is scored in: the 1.5B
@@ -51,6 +53,6 @@ if __name__ == "__main__":
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("aliases", nargs="*", help="packaged models (default: every one installed)")
-    parser.add_argument("--teacher", default="kvzip", choices=("kvzip", "kvzip+"))
+    parser.add_argument("--teacher", default="kvzip", choices=TEACHERS)
     args = parser.parse_args()
     main(args.aliases, args.teacher)
