@@ -287,6 +287,26 @@ def calibration_folder(tmp_path, monkeypatch, tokenizer):
     return folder
 
 
+def test_calibration_documents_join_short_texts_once_the_long_ones_run_out(monkeypatch, tokenizer):
+    """Each kind gives its long texts first, then its short ones joined; every document has the length asked."""
+    from kvsqueeze.calibrate import documents
+
+    kinds = {
+        "_pydocs_texts": ["alpha " * 30, "beta " * 5, "gamma " * 5, "delta " * 5],
+        "_source_texts": ["def f(): pass\n" * 12],
+        "_reference_texts": ["prose words here " * 10],
+    }
+    for name, texts in kinds.items():
+        monkeypatch.setattr(documents, name, lambda texts=texts: iter(texts))
+    docs = documents.calibration_documents(tokenizer, 4, 12)
+    assert all(len(d) == 12 for d in docs)
+    decoded = [tokenizer.decode(d) for d in docs]
+    assert "alpha" in decoded[0] and "def" in decoded[1] and "prose" in decoded[2]
+    assert "beta" in decoded[3]  # pydocs' long text is used up: its short ones are joined
+    with pytest.raises(ValueError, match="ran out after"):
+        documents.calibration_documents(tokenizer, 40, 12)
+
+
 def test_calibrate_end_to_end_and_resume(tmp_path, monkeypatch, tokenizer):
     """The CLI fits weights for an HF folder; `--method kvzap` then finds them; an interrupted run resumes."""
     from kvsqueeze.calibrate import fit

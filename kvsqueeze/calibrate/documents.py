@@ -8,7 +8,6 @@ All of it ships with Python, so calibration needs no network and is the same on 
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 
 from transformers import PreTrainedTokenizerBase
@@ -51,20 +50,46 @@ def _reference_texts() -> Iterator[str]:
             yield topics[name]
 
 
-def calibration_documents(tokenizer: PreTrainedTokenizerBase, count: int, tokens: int) -> list[list[int]]:
-    """``count`` documents of exactly ``tokens`` token ids each (no special tokens), kinds in turn."""
-    sources = [_pydocs_texts(), _source_texts(), _reference_texts()]
-    documents: list[list[int]] = []
-    for source in itertools.cycle(sources):
-        if len(documents) >= count:
-            break
-        for text in source:
-            ids = tokenizer.encode(text, add_special_tokens=False)
-            if len(ids) >= tokens:
-                documents.append(ids[:tokens])
-                break
+def _documents_of_kind(
+    texts: Iterator[str], tokenizer: PreTrainedTokenizerBase, tokens: int
+) -> Iterator[list[int]]:
+    """Documents of ``tokens`` ids from one kind's texts: the first ``tokens`` ids of each text that long,
+    in order; once those run out, the shorter texts joined in order (a blank line apart) and cut."""
+    short: list[list[int]] = []
+    for text in texts:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) >= tokens:
+            yield ids[:tokens]
         else:
-            raise ValueError(
-                f"the offline corpus ran out after {len(documents)} documents of {tokens} tokens"
-            )
+            short.append(ids)
+    separator = tokenizer.encode("\n\n", add_special_tokens=False)
+    joined: list[int] = []
+    for ids in short:
+        joined += ids + separator
+        while len(joined) >= tokens:
+            yield joined[:tokens]
+            joined = joined[tokens:]
+
+
+def calibration_documents(tokenizer: PreTrainedTokenizerBase, count: int, tokens: int) -> list[list[int]]:
+    """``count`` documents of exactly ``tokens`` token ids each (no special tokens), kinds in turn.
+
+    A kind that has run out of texts of ``tokens`` ids joins its shorter ones, so long documents exist
+    too; a kind with nothing left is skipped."""
+    kinds = [
+        _documents_of_kind(texts, tokenizer, tokens)
+        for texts in (_pydocs_texts(), _source_texts(), _reference_texts())
+    ]
+    documents: list[list[int]] = []
+    while kinds and len(documents) < count:
+        for kind in list(kinds):
+            if len(documents) >= count:
+                break
+            document = next(kind, None)
+            if document is None:
+                kinds.remove(kind)
+            else:
+                documents.append(document)
+    if len(documents) < count:
+        raise ValueError(f"the offline corpus ran out after {len(documents)} documents of {tokens} tokens")
     return documents
