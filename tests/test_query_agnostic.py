@@ -356,6 +356,36 @@ def test_calibrate_to_kvzip_plus_keeps_its_own_weights(tmp_path, monkeypatch, to
         SqueezeCache(model, "kvzap", 0.5)
 
 
+def test_calibrate_an_mlp_student_and_refit_it_linear_from_the_same_state(tmp_path, monkeypatch, tokenizer):
+    """`--student mlp` keeps row samples and fits the MLP kvzap runs; a linear fit then reuses the scored documents."""
+    from kvsqueeze.calibrate import fit
+    from kvsqueeze.cli.main import main
+    from kvsqueeze.models import load_model
+
+    folder = calibration_folder(tmp_path, monkeypatch, tokenizer)
+    args = ["calibrate", "--model", str(folder), "--documents", "3", "--held-out", "1", "--tokens", "40"]
+    mlp_file, linear_file = tmp_path / "mlp.safetensors", tmp_path / "linear.safetensors"
+    assert (
+        main([*args, "--student", "mlp", "--mlp-hidden", "8", "--mlp-rows", "16", "--out", str(mlp_file)])
+        == 0
+    )
+    mlp = ScorerWeights.load(mlp_file)
+    assert mlp.kind == "mlp" and mlp.tensors["w1"].shape[1] == 8 and mlp.metadata["mlp_rows"] == str(2 * 16)
+    assert float(mlp.metadata["held_out_r2"]) > -1.0  # a real fit, not noise around the mean
+
+    scored = []
+    monkeypatch.setattr(fit, "document_scores", lambda *a, **k: scored.append(1) or None)
+    (tmp_path / "mlp.state.pt").rename(tmp_path / "linear.state.pt")
+    assert main([*args, "--out", str(linear_file)]) == 0 and not scored  # nothing scored again
+    assert ScorerWeights.load(linear_file).kind == "linear"
+
+    model, tok = load_model(str(folder))
+    cache = SqueezeCache(model, "kvzap", 0.5, window=2, weights=str(mlp_file))
+    with torch.inference_mode():
+        model(prompt_ids(tok, "some text to compress " * 4), cache=cache)
+    assert cache.kv_nbytes() <= 0.55 * cache.full_nbytes()
+
+
 def test_kvzap_plus_without_weights_names_the_teacher(llama):
     with pytest.raises(ValueError, match="--method kvzap --teacher kvzip\\+"):
         SqueezeCache(llama, "kvzap", 0.5, plus=True)

@@ -7,6 +7,9 @@ head) feed a ridge regression per layer through its sufficient statistics (``X^T
 so memory does not grow with the data and the state after each document is a small file: an interrupted
 calibration resumes from the last finished document. The last documents are held out and give each
 layer's R^2.
+
+``student="mlp"`` fits KVzap's two-layer MLP instead (:mod:`kvsqueeze.calibrate.mlp`): it needs rows, so
+each document also leaves a fixed random sample of its rows in a shard beside the state.
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kvsqueeze.cache import SqueezeCache
 from kvsqueeze.cache.replay import ReplayText
 from kvsqueeze.calibrate.documents import calibration_documents
+from kvsqueeze.calibrate.mlp import fit_layer_mlp, r2_score
 from kvsqueeze.methods.kvzip import KVzip
 from kvsqueeze.scorers.learned import ScorerWeights
 
 LOG_FLOOR = 1e-8  # scores below this are one value to the regression
+STUDENTS = ("linear", "mlp")
 
 
 @dataclass
@@ -106,7 +111,10 @@ class CalibrationState:
         if not path.is_file():
             return None
         data = torch.load(path, weights_only=True)
-        if data.get("settings") != settings:
+        saved = dict(data.get("settings") or {})
+        if "mlp_rows" not in settings:  # an MLP calibration's statistics serve a linear fit too
+            saved.pop("mlp_rows", None)
+        if saved != settings:
             return None
         return cls(
             RidgeStatistics(**data["train"]),
@@ -137,6 +145,19 @@ def document_scores(
     return hidden, [s[0].T for s in scores]
 
 
+def row_sample(index: int, scored: slice, rows: int) -> torch.Tensor:
+    """The positions of document ``index`` whose rows an MLP calibration keeps: a seeded sample of ``scored``."""
+    positions = torch.arange(scored.start, scored.stop)
+    g = torch.Generator().manual_seed(index)
+    return positions[torch.randperm(len(positions), generator=g)[:rows]].sort().values
+
+
+def load_row_shards(folder: Path, indices: range) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampled rows of documents ``indices``: inputs (N, R, D) and log scores (N, R, H_kv)."""
+    shards = [torch.load(folder / f"{i:04d}.pt", weights_only=True) for i in indices]
+    return torch.cat([s["x"] for s in shards], 1), torch.cat([s["y"] for s in shards], 1)
+
+
 def teacher_name(kvzip: KVzip) -> str:
     """``kvzip`` or ``kvzip+``: what a scorer's targets were."""
     return "kvzip+" if kvzip.plus else "kvzip"
@@ -153,23 +174,32 @@ def calibrate_kvzap(
     held_out: int = 4,
     ridge: float = 1.0,
     teacher: KVzip | None = None,
+    student: str = "linear",
+    mlp_hidden: int = 64,
+    mlp_rows: int = 1024,
     metadata: dict[str, str] | None = None,
     progress: bool = True,
 ) -> CalibrationResult:
     """Fit per-layer linear maps from attention inputs to log KVzip scores; resumes from ``state_path``.
 
     ``teacher`` is the kvzip whose scores are the targets (default: ``KVzip()``; ``KVzip(plus=True)`` fits
-    KVzip+ scores, the KVzap paper's targets)."""
+    KVzip+ scores, the KVzap paper's targets). ``student="mlp"`` fits a two-layer MLP of ``mlp_hidden``
+    units per layer on ``mlp_rows`` sampled rows of each document."""
     from tqdm.auto import tqdm
 
     if documents <= held_out:
         raise ValueError(f"calibration needs more documents ({documents}) than it holds out ({held_out})")
+    if student not in STUDENTS:
+        raise ValueError(f"student must be one of {STUDENTS}, got {student!r}")
     config = model.config.get_text_config(decoder=True)
     layers, dim, heads = config.num_hidden_layers, config.hidden_size, config.num_key_value_heads
     kvzip = teacher if teacher is not None else KVzip()
     settings = {"documents": documents, "tokens": tokens, "held_out": held_out}
     if kvzip.plus:  # a KVzip-fitted state saved before KVzip+ existed still resumes
         settings["plus"] = 1
+    shards = state_path.with_suffix(".rows")
+    if student == "mlp":  # its documents also leave row samples
+        settings["mlp_rows"] = mlp_rows
     state = CalibrationState.load(state_path, settings) or CalibrationState(
         RidgeStatistics.zeros(layers, dim, heads),
         RidgeStatistics.zeros(layers, dim, heads),
@@ -185,27 +215,50 @@ def calibrate_kvzap(
         target = state.held_out if index >= documents - held_out else state.train
         # the targets leave out the header (no replay repeats it) and the sinks (always kept)
         scored = slice(max(len(header), kvzip.sinks), ids.shape[1])
+        logs = [scores[layer][scored].clamp(min=LOG_FLOOR).log() for layer in range(layers)]  # (L', H_kv)
         for layer in range(layers):
-            target.add(layer, hidden[layer][scored], scores[layer][scored].clamp(min=LOG_FLOOR).log())
+            target.add(layer, hidden[layer][scored], logs[layer])
+        if student == "mlp":
+            keep = row_sample(index, scored, mlp_rows) - scored.start
+            x = torch.stack([h[scored][keep] for h in hidden]).bfloat16()  # (N, R, D)
+            y = torch.stack([log[keep] for log in logs]).float()  # (N, R, H_kv)
+            shards.mkdir(parents=True, exist_ok=True)
+            torch.save({"x": x, "y": y}, shards / f"{index:04d}.pt")
         state.done, state.seconds = index + 1, state.seconds + time.perf_counter() - start
         state.save(state_path)
         bar.update(1)
     bar.close()
-    solved = state.train.solve(ridge)  # (N, D+1, H_kv)
-    r2 = float(state.held_out.r2(solved).mean())
-    weight = solved[:, :-1].transpose(1, 2).float()  # (N, H_kv, D)
-    bias = solved[:, -1].float()  # (N, H_kv)
+    if student == "mlp":
+        tensors, r2, extra = fit_mlp_student(shards, documents, held_out, mlp_hidden, progress)
+    else:
+        solved = state.train.solve(ridge)  # (N, D+1, H_kv)
+        r2 = float(state.held_out.r2(solved).mean())
+        tensors = {"weight": solved[:, :-1].transpose(1, 2).float(), "bias": solved[:, -1].float()}
+        extra = {"ridge": str(ridge)}
     meta = {
         **(metadata or {}),
-        "kind": "linear",
+        "kind": student,
         "target": f"log {teacher_name(kvzip)} score",
         "documents": str(documents),
         "tokens": str(state.train.rows),
         "document_tokens": str(tokens),
-        "ridge": str(ridge),
+        **extra,
         "held_out_r2": f"{r2:.4f}",
         "seconds": f"{state.seconds:.0f}",
     }
-    return CalibrationResult(
-        ScorerWeights({"weight": weight, "bias": bias}, meta), documents, state.train.rows, state.seconds, r2
-    )
+    return CalibrationResult(ScorerWeights(tensors, meta), documents, state.train.rows, state.seconds, r2)
+
+
+def fit_mlp_student(
+    shards: Path, documents: int, held_out: int, hidden: int, progress: bool
+) -> tuple[dict[str, torch.Tensor], float, dict[str, str]]:
+    """Per-layer MLPs on the row shards: the stacked tensors, the mean held-out R^2, and metadata."""
+    from tqdm.auto import tqdm
+
+    x, y = load_row_shards(shards, range(documents - held_out))  # (N, R, D), (N, R, H_kv)
+    x_held, y_held = load_row_shards(shards, range(documents - held_out, documents))
+    bar = tqdm(range(x.shape[0]), desc="fit mlp", unit="layer", disable=not progress)
+    per_layer = [fit_layer_mlp(x[layer], y[layer], hidden, seed=layer) for layer in bar]
+    weights = ScorerWeights({name: torch.stack([t[name] for t in per_layer]) for name in per_layer[0]})
+    r2 = torch.stack([r2_score(weights.predict(n, x_held[n]), y_held[n]) for n in range(x.shape[0])])
+    return weights.tensors, float(r2.mean()), {"hidden": str(hidden), "mlp_rows": str(x.shape[1])}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kvsqueeze.calibrate.fit import STUDENTS
+
 LEARNED_METHODS = ("kvzap",)
 TEACHERS = ("kvzip", "kvzip+")
 
@@ -30,6 +32,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="the scores fitted: kvzip's, or kvzip+'s (attention x ||W_O v|| / ||h||) (default: kvzip)",
     )
     p.add_argument(
+        "--student",
+        default="linear",
+        choices=STUDENTS,
+        help="the scorer fitted per layer: a ridge-fitted linear map, or a two-layer MLP (default: linear)",
+    )
+    p.add_argument("--mlp-hidden", type=int, default=64, help="hidden units of the MLP student (default: 64)")
+    p.add_argument(
+        "--mlp-rows", type=int, default=1024, help="rows of each document the MLP trains on (default: 1024)"
+    )
+    p.add_argument(
         "--out",
         help="weights file (default: the user cache, where kvzap finds it; kvzap:plus=true for --teacher kvzip+)",
     )
@@ -49,6 +61,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
         raise ValueError(f"--held-out must be in [1, --documents), got {args.held_out}")
     if args.ridge < 0:
         raise ValueError(f"--ridge must be >= 0, got {args.ridge}")
+    for name in ("mlp_hidden", "mlp_rows"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     name = args.model or DEFAULT_MODEL
     model, tokenizer = _load(args)
     from kvsqueeze.calibrate.fit import calibrate_kvzap
@@ -68,6 +83,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
         held_out=args.held_out,
         ridge=args.ridge,
         teacher=KVzip(plus=plus),
+        student=args.student,
+        mlp_hidden=args.mlp_hidden,
+        mlp_rows=args.mlp_rows,
         metadata={"model": name, "fingerprint": fingerprint, "dtype": args.dtype},
     )
     out = result.weights.save(destination)
