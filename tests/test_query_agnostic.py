@@ -357,33 +357,38 @@ def test_calibrate_to_kvzip_plus_keeps_its_own_weights(tmp_path, monkeypatch, to
 
 
 def test_calibrate_an_mlp_student_and_refit_it_linear_from_the_same_state(tmp_path, monkeypatch, tokenizer):
-    """`--student mlp` keeps row samples and fits the MLP kvzap runs; a linear fit then reuses the scored documents."""
+    """`--student mlp` keeps row samples and fits the MLP `kvzap:mlp=true` finds; a linear fit then reuses the
+    scored documents of its state."""
     from kvsqueeze.calibrate import fit
     from kvsqueeze.cli.main import main
     from kvsqueeze.models import load_model
+    from kvsqueeze.models.fingerprint import model_fingerprint
+    from kvsqueeze.weights import user_weights_path
 
     folder = calibration_folder(tmp_path, monkeypatch, tokenizer)
+    model, tok = load_model(str(folder))
+    with pytest.raises(ValueError, match="--method kvzap --student mlp`"):
+        SqueezeCache(model, "kvzap", 0.5, mlp=True)
     args = ["calibrate", "--model", str(folder), "--documents", "3", "--held-out", "1", "--tokens", "40"]
-    mlp_file, linear_file = tmp_path / "mlp.safetensors", tmp_path / "linear.safetensors"
-    assert (
-        main([*args, "--student", "mlp", "--mlp-hidden", "8", "--mlp-rows", "16", "--out", str(mlp_file)])
-        == 0
-    )
-    mlp = ScorerWeights.load(mlp_file)
+    assert main([*args, "--student", "mlp", "--mlp-hidden", "8", "--mlp-rows", "16"]) == 0
+    cache = SqueezeCache(model, "kvzap", 0.5, window=2, mlp=True)
+    mlp = cache.method.fitted
     assert mlp.kind == "mlp" and mlp.tensors["w1"].shape[1] == 8 and mlp.metadata["mlp_rows"] == str(2 * 16)
     assert float(mlp.metadata["held_out_r2"]) > -1.0  # a real fit, not noise around the mean
-
-    scored = []
-    monkeypatch.setattr(fit, "document_scores", lambda *a, **k: scored.append(1) or None)
-    (tmp_path / "mlp.state.pt").rename(tmp_path / "linear.state.pt")
-    assert main([*args, "--out", str(linear_file)]) == 0 and not scored  # nothing scored again
-    assert ScorerWeights.load(linear_file).kind == "linear"
-
-    model, tok = load_model(str(folder))
-    cache = SqueezeCache(model, "kvzap", 0.5, window=2, weights=str(mlp_file))
     with torch.inference_mode():
         model(prompt_ids(tok, "some text to compress " * 4), cache=cache)
     assert cache.kv_nbytes() <= 0.55 * cache.full_nbytes()
+
+    scored = []
+    monkeypatch.setattr(fit, "document_scores", lambda *a, **k: scored.append(1) or None)
+    fingerprint = model_fingerprint(model)
+    linear = user_weights_path("kvzap", fingerprint)
+    linear.parent.mkdir(parents=True)
+    user_weights_path("kvzap_mlp", fingerprint).with_suffix(".state.pt").rename(
+        linear.with_suffix(".state.pt")
+    )
+    assert main(args) == 0 and not scored  # nothing scored again
+    assert SqueezeCache(model, "kvzap", 0.5).method.fitted.kind == "linear"
 
 
 def test_kvzap_plus_without_weights_names_the_teacher(llama):

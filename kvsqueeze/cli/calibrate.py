@@ -43,7 +43,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--out",
-        help="weights file (default: the user cache, where kvzap finds it; kvzap:plus=true for --teacher kvzip+)",
+        help="weights file (default: the user cache, where kvzap finds it; kvzap:plus=true for --teacher kvzip+, "
+        "kvzap:mlp=true for --student mlp)",
     )
     p.set_defaults(run=run_calibrate)
 
@@ -72,7 +73,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
     fingerprint = model_fingerprint(model)
     plus = args.teacher == "kvzip+"
-    destination = Path(args.out) if args.out else user_weights_path(weights_name(plus), fingerprint)
+    mlp = args.student == "mlp"
+    destination = Path(args.out) if args.out else user_weights_path(weights_name(plus, mlp), fingerprint)
     state = destination.with_suffix(".state.pt")
     result = calibrate_kvzap(
         model,
@@ -89,7 +91,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         metadata={"model": name, "fingerprint": fingerprint, "dtype": args.dtype},
     )
     out = result.weights.save(destination)
-    label = f"{args.method}(plus=True)" if plus else args.method
+    options = [name for name, on in (("mlp", mlp), ("plus", plus)) if on]
+    label = f"{args.method}({','.join(f'{o}=True' for o in options)})" if options else args.method
     print(
         f"{label} scorer for {name} ({fingerprint}): {result.documents} documents, {result.tokens} training "
         f"tokens, held-out R^2 {result.held_out_r2:.3f}, {result.seconds:.0f} s -> {out}"

@@ -13,7 +13,8 @@ weights ship with kvsqueeze (:mod:`kvsqueeze.weights`). ``weights=PATH`` takes a
 
 ``plus=True`` uses weights fitted to KVzip+ scores instead (``kvzip(plus=True)``: replay attention weighed by
 ``||W_O v|| / ||h||``, the targets of the KVzap paper), made by ``kvsqueeze calibrate --teacher kvzip+`` and
-kept apart from the KVzip-fitted ones (``kvzap_plus`` in the user cache and the package).
+kept apart from the KVzip-fitted ones (``kvzap_plus`` in the user cache and the package). ``mlp=True`` uses
+the two-layer MLP student (``calibrate --student mlp``, kept as ``kvzap_mlp`` / ``kvzap_plus_mlp``).
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from kvsqueeze.methods.base import Components, Method, register
 from kvsqueeze.scorers.learned import LearnedScorer, ScorerWeights
 
 
-def weights_name(plus: bool) -> str:
-    """Where kvzap's weights live (user cache folder, shipped file prefix): by the scores they were fitted to."""
-    return "kvzap_plus" if plus else "kvzap"
+def weights_name(plus: bool, mlp: bool = False) -> str:
+    """Where kvzap's weights live (user cache folder, shipped file prefix): by the scores they were fitted to
+    (``kvzap``, ``kvzap_plus``), with ``_mlp`` for the MLP student."""
+    return ("kvzap_plus" if plus else "kvzap") + ("_mlp" if mlp else "")
 
 
 @register
@@ -44,6 +46,7 @@ class KVzap(Method):
     window: int = 16
     weights: str = ""  # a weights file; "" finds the calibrated or shipped weights of the model
     plus: bool = False  # weights fitted to KVzip+ scores (calibrate --teacher kvzip+) instead of KVzip's
+    mlp: bool = False  # the two-layer MLP student (calibrate --student mlp) instead of the linear one
     # the loaded weights (set by `for_model`, not a hyperparameter)
     fitted: ScorerWeights | None = field(default=None, repr=False, compare=False, metadata={"internal": True})
 
@@ -60,12 +63,14 @@ class KVzap(Method):
         from kvsqueeze.weights import find_scorer_weights
 
         fingerprint = model_fingerprint(model)
-        fitted = find_scorer_weights(weights_name(self.plus), fingerprint)
+        fitted = find_scorer_weights(weights_name(self.plus, self.mlp), fingerprint)
         if fitted is None:
-            what, teacher = ("kvzap(plus=True)", " --teacher kvzip+") if self.plus else ("kvzap", "")
+            options = [name for name, on in (("mlp", self.mlp), ("plus", self.plus)) if on]
+            what = f"kvzap({','.join(f'{o}=True' for o in options)})" if options else "kvzap"
+            flags = " --teacher kvzip+" * self.plus + " --student mlp" * self.mlp
             raise ValueError(
                 f"no {what} scorer weights for this model (fingerprint {fingerprint}); fit them with "
-                f"`kvsqueeze calibrate --model MODEL --method kvzap{teacher}`"
+                f"`kvsqueeze calibrate --model MODEL --method kvzap{flags}`"
             )
         return dataclasses.replace(self, fitted=fitted)
 
