@@ -4,10 +4,12 @@ and kvzap_plus-<alias>.safetensors fitted to KVzip+ scores).
     .venv/bin/python scripts/make_scorer_weights.py                      # every packaged model installed
     .venv/bin/python scripts/make_scorer_weights.py qwen2.5-coder-0.5b   # one
     .venv/bin/python scripts/make_scorer_weights.py --teacher kvzip+ qwen2.5-coder-0.5b   # kvzap(plus=True)
+    .venv/bin/python scripts/make_scorer_weights.py --teacher kvzip+ --student mlp ALIAS  # kvzap(mlp=True,plus=True)
 
 Each file is ``kvsqueeze calibrate --model ALIAS --method kvzap`` with the settings below (native kvzip run
-on offline documents, a ridge fit per layer; resumable), copied into the package. The file's metadata names
-the model, its fingerprint, the documents, the training tokens, the held-out R^2 and the seconds it took.
+on offline documents, a ridge fit or an MLP per layer; resumable), copied into the package; ``--documents``,
+``--held-out`` and ``--tokens`` override them. The file's metadata names the model, its fingerprint, the
+documents and their length, the training tokens, the held-out R^2 and the seconds it took.
 """
 
 from __future__ import annotations
@@ -20,26 +22,39 @@ from pathlib import Path
 
 import torch
 
+from kvsqueeze.calibrate.fit import STUDENTS
 from kvsqueeze.cli.calibrate import TEACHERS
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = ["--documents", "18", "--held-out", "2", "--tokens", "1024"]
+SETTINGS = {"documents": 18, "held_out": 2, "tokens": 1024}
 # full-attention packaged models (kvzip needs no sliding layers) and the dtype each is scored in: the 1.5B
 # model in bfloat16 (2.35x faster prefill on this CPU, the dtype block of docs/RESULTS.md), the first two
 # as they were made
 MODELS = {"smollm2-135m": "float32", "qwen2.5-coder-0.5b": "float32", "qwen2.5-coder-1.5b": "bfloat16"}
 
 
-def main(aliases: list[str], teacher: str) -> None:
+def main(aliases: list[str], teacher: str, student: str, settings: dict[str, int]) -> None:
     from kvsqueeze.methods.kvzap import weights_name
     from kvsqueeze.models import is_installed, load_model
     from kvsqueeze.models.fingerprint import model_fingerprint
     from kvsqueeze.weights import SHIPPED_DIR, user_weights_path
 
-    name = weights_name(teacher == "kvzip+")
+    name = weights_name(teacher == "kvzip+", student == "mlp")
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
     for alias in aliases or [a for a in MODELS if is_installed(a)]:
         dtype = MODELS.get(alias, "float32")
-        command = ["calibrate", "--model", alias, "--dtype", dtype, "--teacher", teacher, *SETTINGS]
+        command = [
+            "calibrate",
+            "--model",
+            alias,
+            "--dtype",
+            dtype,
+            "--teacher",
+            teacher,
+            "--student",
+            student,
+        ]
+        command += flags
         subprocess.run([sys.executable, "-m", "kvsqueeze.cli.main", *command], check=True)
         model, _ = load_model(alias, dtype=getattr(torch, dtype))  # the fingerprint calibrate saved under
         made = user_weights_path(name, model_fingerprint(model))
@@ -54,5 +69,8 @@ if __name__ == "__main__":
     )
     parser.add_argument("aliases", nargs="*", help="packaged models (default: every one installed)")
     parser.add_argument("--teacher", default="kvzip", choices=TEACHERS)
+    parser.add_argument("--student", default="linear", choices=STUDENTS)
+    for key, value in SETTINGS.items():
+        parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=value, help=f"default: {value}")
     args = parser.parse_args()
-    main(args.aliases, args.teacher)
+    main(args.aliases, args.teacher, args.student, {key: getattr(args, key) for key in SETTINGS})
