@@ -21,6 +21,8 @@ def r2_score(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 1 - rss / tss
 
 
+@torch.inference_mode(False)  # the calibration runs in inference mode; training needs autograd
+@torch.enable_grad()
 def fit_layer_mlp(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -34,24 +36,7 @@ def fit_layer_mlp(
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """One layer's MLP from rows ``x`` (R, D) to targets ``y`` (R, H_kv); returns ``w1 b1 w2 b2`` (unbatched)."""
-    # the calibration runs in inference mode; training needs autograd and tensors made outside it
-    with torch.inference_mode(False), torch.enable_grad():
-        return _train(
-            x.float().clone(), y.float().clone(), hidden, epochs, batch, lr, weight_decay, patience, seed
-        )
-
-
-def _train(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    hidden: int,
-    epochs: int,
-    batch: int,
-    lr: float,
-    weight_decay: float,
-    patience: int,
-    seed: int,
-) -> dict[str, torch.Tensor]:
+    x, y = x.float().clone(), y.float().clone()  # tensors made in inference mode cannot enter autograd
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(x.shape[0], generator=g)
     stop = order[: max(1, x.shape[0] // 10)]
