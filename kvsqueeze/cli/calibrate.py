@@ -68,7 +68,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     name = args.model or DEFAULT_MODEL
     model, tokenizer = _load(args)
     from kvsqueeze.calibrate.fit import calibrate_kvzap
-    from kvsqueeze.methods.kvzap import weights_name
+    from kvsqueeze.methods.kvzap import variant_label, weights_name
     from kvsqueeze.methods.kvzip import KVzip
 
     fingerprint = model_fingerprint(model)
@@ -91,8 +91,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         metadata={"model": name, "fingerprint": fingerprint, "dtype": args.dtype},
     )
     out = result.weights.save(destination)
-    options = [name for name, on in (("mlp", mlp), ("plus", plus)) if on]
-    label = f"{args.method}({','.join(f'{o}=True' for o in options)})" if options else args.method
+    label = variant_label(plus, mlp)
     print(
         f"{label} scorer for {name} ({fingerprint}): {result.documents} documents, {result.tokens} training "
         f"tokens, held-out R^2 {result.held_out_r2:.3f}, {result.seconds:.0f} s -> {out}"

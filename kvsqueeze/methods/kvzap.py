@@ -35,6 +35,12 @@ def weights_name(plus: bool, mlp: bool = False) -> str:
     return ("kvzap_plus" if plus else "kvzap") + ("_mlp" if mlp else "")
 
 
+def variant_label(plus: bool, mlp: bool) -> str:
+    """How the bench and the CLI name a kvzap variant: ``kvzap``, ``kvzap(plus=True)``, ``kvzap(mlp=True,plus=True)``."""
+    options = [name for name, on in (("mlp", mlp), ("plus", plus)) if on]
+    return f"kvzap({','.join(f'{o}=True' for o in options)})" if options else "kvzap"
+
+
 @register
 @dataclass
 class KVzap(Method):
@@ -65,11 +71,9 @@ class KVzap(Method):
         fingerprint = model_fingerprint(model)
         fitted = find_scorer_weights(weights_name(self.plus, self.mlp), fingerprint)
         if fitted is None:
-            options = [name for name, on in (("mlp", self.mlp), ("plus", self.plus)) if on]
-            what = f"kvzap({','.join(f'{o}=True' for o in options)})" if options else "kvzap"
             flags = " --teacher kvzip+" * self.plus + " --student mlp" * self.mlp
             raise ValueError(
-                f"no {what} scorer weights for this model (fingerprint {fingerprint}); fit them with "
+                f"no {variant_label(self.plus, self.mlp)} scorer weights for this model (fingerprint {fingerprint}); fit them with "
                 f"`kvsqueeze calibrate --model MODEL --method kvzap{flags}`"
             )
         return dataclasses.replace(self, fitted=fitted)
