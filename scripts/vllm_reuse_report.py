@@ -128,6 +128,7 @@ def run(args: argparse.Namespace, engines: list[str]) -> dict:
         make_queries,
     )
     from kvsqueeze.models import cache_dir
+    from kvsqueeze.vllm import share_request
 
     wall_start = time.perf_counter()
     model_dir = args.model_dir or str(cache_dir() / "models" / "qwen2.5-coder-0.5b-hf")
@@ -150,7 +151,7 @@ def run(args: argparse.Namespace, engines: list[str]) -> dict:
     records = []
     for qi, query in enumerate(queries):
         header, document = encode(agent_header(ROLES[0])), encode(query.document)
-        share = {"kv_transfer_params": {"kvsqueeze": {"share": [[len(header), len(header) + len(document)]]}}}
+        share = share_request((len(header), len(header) + len(document)))
         for name in engines[1:]:  # the engines that cache index the document once, after agent 1's header
             start = time.perf_counter()
             indexing = SamplingParams(max_tokens=1, extra_args=share)

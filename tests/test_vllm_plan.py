@@ -268,3 +268,10 @@ def test_vllm_flags_without_the_vllm_engine_are_a_one_line_error(capsys):
 
     assert main(["serve", "--model", "tiny:llama", "--", "--tensor-parallel-size", "2"]) == 2
     assert "with --engine vllm" in capsys.readouterr().err
+
+
+def test_share_request_is_what_the_plan_reads():
+    from kvsqueeze.vllm import share_request
+
+    spans = [(2, 2 + FIND_WINDOW), (40, 40 + FIND_WINDOW)]
+    assert shared_spans(share_request(*spans)["kv_transfer_params"], 100) == spans

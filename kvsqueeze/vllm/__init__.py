@@ -31,6 +31,12 @@ CONNECTOR_CONFIG = {
 """vLLM's ``--kv-transfer-config`` for the connector (``kv_connector_extra_config`` takes its options)."""
 
 
+def share_request(*spans: tuple[int, int]) -> dict[str, dict]:
+    """The request fields that mark token spans ``[start, end)`` of a prompt as shared: vLLM's
+    ``SamplingParams(extra_args=...)`` or the ``openai`` client's ``extra_body``."""
+    return {"kv_transfer_params": {"kvsqueeze": {"share": [[start, end] for start, end in spans]}}}
+
+
 def vllm_serve_command(
     python: Path, folder: Path, host: str, port: int, served_name: str, extra: Sequence[str] = ()
 ) -> list[str]:

@@ -26,7 +26,7 @@ from kvsqueeze.bench.multiagent import (
     first_sentence,
     make_queries,
 )
-from kvsqueeze.vllm import CONNECTOR_CONFIG
+from kvsqueeze.vllm import CONNECTOR_CONFIG, share_request
 
 
 def main(model_dir: str) -> None:
@@ -46,7 +46,7 @@ def main(model_dir: str) -> None:
     prompts = []
     for query in make_queries(6, 300, seed=1, tokenizer=tokenizer, doc_tokens=350):
         header, document = encode(agent_header(ROLES[0])), encode(query.document)
-        share = {"kv_transfer_params": {"kvsqueeze": {"share": [[len(header), len(header) + len(document)]]}}}
+        share = share_request((len(header), len(header) + len(document)))
         llm.generate(
             {"prompt_token_ids": header + document},
             SamplingParams(max_tokens=1, extra_args=share),

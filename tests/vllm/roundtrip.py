@@ -17,7 +17,7 @@ import torch
 from vllm import LLM, SamplingParams
 from vllm.distributed.kv_transfer import get_kv_transfer_group
 
-from kvsqueeze.vllm import CONNECTOR_CONFIG
+from kvsqueeze.vllm import CONNECTOR_CONFIG, share_request
 from kvsqueeze.vllm.connector import cpu_block_layout
 from kvsqueeze.vllm.paged import read_rows
 from kvsqueeze.vllm.plan import rows_key
@@ -58,7 +58,7 @@ def main(model_dir: str) -> None:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def run(ids: list[int], share: tuple[int, int] | None = None) -> str:
-        extra = {"kv_transfer_params": {"kvsqueeze": {"share": [list(share)]}}} if share else None
+        extra = share_request(share) if share else None
         params = SamplingParams(max_tokens=16, temperature=0, extra_args=extra)
         output = llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)[0]
         out.setdefault("loaded_tokens", []).append(output.kv_transfer_params["kvsqueeze"]["loaded_tokens"])
