@@ -50,18 +50,8 @@ def main(aliases: list[str], teacher: str, student: str, settings: dict[str, int
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
     for alias in aliases or [a for a in MODELS if is_installed(a)]:
         dtype = MODELS.get(alias, "float32")
-        command = [
-            "calibrate",
-            "--model",
-            alias,
-            "--dtype",
-            dtype,
-            "--teacher",
-            teacher,
-            "--student",
-            student,
-        ]
-        command += flags
+        options = ["--dtype", dtype, "--teacher", teacher, "--student", student, *flags]
+        command = ["calibrate", "--model", alias, *options]
         subprocess.run([sys.executable, "-m", "kvsqueeze.cli.main", *command], check=True)
         model, _ = load_model(alias, dtype=getattr(torch, dtype))  # the fingerprint calibrate saved under
         made = user_weights_path(name, model_fingerprint(model))

@@ -9,7 +9,8 @@ model's fingerprint (:func:`kvsqueeze.models.fingerprint.model_fingerprint`):
    ``scripts/make_scorer_weights.py``), matched by the fingerprint in their metadata.
 
 ``<method>`` is ``kvzap`` for weights fitted to KVzip's scores and ``kvzap_plus`` for those fitted to KVzip+'s
-(``calibrate --teacher kvzip+``, used by ``kvzap:plus=true``).
+(``calibrate --teacher kvzip+``, used by ``kvzap:plus=true``), either with ``_mlp`` for the MLP student
+(``calibrate --student mlp``, used by ``kvzap:mlp=true``).
 """
 
 from __future__ import annotations
