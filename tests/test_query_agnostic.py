@@ -430,9 +430,8 @@ def test_kvzip_plus_weights_ship_for_the_measured_models():
     """kvzap(plus=True)'s weights (fitted to KVzip+) ship for the two models the query-agnostic blocks measure."""
     from kvsqueeze.weights import shipped_weights
 
-    shipped = {
-        ScorerWeights.load(p).metadata["model"]: ScorerWeights.load(p) for p in shipped_weights("kvzap_plus")
-    }
+    loaded = [ScorerWeights.load(p) for p in shipped_weights("kvzap_plus")]
+    shipped = {w.metadata["model"]: w for w in loaded}
     assert {alias: w.num_layers for alias, w in shipped.items()} == {
         "smollm2-135m": 30,
         "qwen2.5-coder-0.5b": 24,
