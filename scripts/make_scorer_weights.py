@@ -17,6 +17,11 @@ documents, the length the query-agnostic block runs it at (``--teacher kvzip+ --
 with a per-layer offset (held-out R^2 0.04 there against 0.59), which misplaces the one top-k over layers.
 SmolLM2-135M refitted on 2048-token documents, its bench length (``--tokens 2048 --documents 16``), scored
 better at keep 0.25 and worse at 0.1 on its 30 query-agnostic samples, so its 1024-token weights stay.
+Qwen2.5-Coder-0.5B's KVzip-fitted ``kvzap`` refitted the same way (``--documents 16 --held-out 2 --tokens
+4096``, 3628 s, held-out R^2 0.552) lost its offset and kept more of KVzip's top rows offline
+(``scripts/scorer_agreement.py``: 0.85 / 0.88 of the top 0.25 against 0.81 / 0.85), yet on the 30 samples it
+scored -13.2 (6.5) at keep 0.25 and -40.3 (8.9) at 0.1 against the full cache, where the 1024-token weights
+score -11.0 and -40.7, so those stay too.
 """
 
 from __future__ import annotations
