@@ -209,6 +209,29 @@ def test_stored_bytes_follow_the_ratio(llama, tokenizer, method, ratio):
     assert int(kept) == layers * heads * int(torch.ceil(torch.tensor(ids.shape[1] * ratio)))
 
 
+# floors the plain top-k falls short of on this prompt; floor x budget + the protected rows fit the budget
+@pytest.mark.parametrize("method, floor", [("kvzip", 0.9), ("kvzap", 0.75)])
+def test_floor_gives_every_head_its_share_of_the_budget(llama, tokenizer, method, floor):
+    ids = prompt_ids(tokenizer, "Numbers: 1841, 2203, 9977 and 5150 are filed here. " * 6)
+    share = int(floor * int(torch.ceil(torch.tensor(ids.shape[1] * 0.25))))
+    kept = {}
+    for f in (0.0, floor):
+        weights = random_weights(llama)
+        built = get_method("kvzip", floor=f) if method == "kvzip" else KVzap(fitted=weights, floor=f)
+        cache = SqueezeCache(llama, built, 0.25, tokenizer=tokenizer)
+        with torch.inference_mode():
+            llama(ids, cache=cache)
+        kept[f] = cache.stored_rows()  # (N_layers, B, H_kv)
+    assert int(kept[floor].sum()) == int(kept[0.0].sum())  # the same total, shared otherwise
+    assert int(kept[0.0].min()) < share <= int(kept[floor].min())
+
+
+@pytest.mark.parametrize("method", ["kvzip", "kvzap"])
+def test_floor_outside_zero_to_one_is_refused(method):
+    with pytest.raises(ValueError, match=f"{method}: floor must be in"):
+        get_method(method, floor=1.5)
+
+
 def test_kvzip_composes_with_quantization_and_profiles(llama, tokenizer, tmp_path):
     from kvsqueeze.methods import LayerProfile, with_profile
 
@@ -245,6 +268,20 @@ def test_global_counts_keep_the_total_and_the_protected_rows():
     totals = sum(c.sum(-1) for c in counts)
     assert totals.tolist() == [4 * 3 * 5, 3 * 3 * 10 + 3 * 10]
     assert bool((counts[2][:, 0] >= 2).all())
+
+
+@pytest.mark.parametrize("floor", [0.25, 0.5, 1.0])
+def test_global_counts_give_every_head_its_floor(floor):
+    g = torch.Generator().manual_seed(1)
+    ranked = [torch.rand(2, 3, 40, generator=g) * 10**layer for layer in range(4)]  # one layer dominates
+    budget = torch.tensor([8, 20])
+    plain, floored = global_counts(ranked, budget), global_counts(ranked, budget, floor)
+    assert int(plain[0].min()) < floor * 8  # without a floor the smallest scores lose whole heads
+    assert torch.equal(sum(c.sum(-1) for c in floored), sum(c.sum(-1) for c in plain))
+    for counts in floored:
+        assert bool((counts >= (floor * budget).long()[:, None]).all())
+    if floor == 1.0:  # a uniform split
+        assert all(torch.equal(c, budget[:, None].expand(2, 3)) for c in floored)
 
 
 # ------------------------------------------------------------------ the learned scorer

@@ -25,15 +25,19 @@ class GlobalTopK(Allocator):
     Args:
         sinks: rows at positions below ``sinks`` always stay.
         window: the last ``window`` rows of every (sequence, head) always stay.
+        floor: every (layer, head) first keeps its best rows up to this share of the average budget (when
+            they and the protected rows fit it), then the rest is ranked globally; 0 is KVzip's plain top-k.
     """
 
     name: ClassVar[str] = "global_topk"
     uses_statistics: ClassVar[bool] = True
 
-    def __init__(self, sinks: int = 4, window: int = 0) -> None:
+    def __init__(self, sinks: int = 4, window: int = 0, floor: float = 0.0) -> None:
         if sinks < 0 or window < 0:
             raise ValueError(f"global_topk: sinks and window must be >= 0, got {sinks} and {window}")
-        self.sinks, self.window = sinks, window
+        if not 0.0 <= floor <= 1.0:
+            raise ValueError(f"global_topk: floor must be in [0, 1], got {floor}")
+        self.sinks, self.window, self.floor = sinks, window, floor
 
     def layer_statistic(self, obs: Observation, scores: torch.Tensor) -> torch.Tensor:
         """The layer's scores ranked for selection, (B, H_kv, T): protected rows +inf, empty slots -inf."""
@@ -47,18 +51,23 @@ class GlobalTopK(Allocator):
         """Nothing until the last layer; then rows per (sequence, KV head), (B, H_kv), for every layer."""
         if request.layer_idx < request.num_layers - 1:
             return {}
-        return {layer: counts for layer, counts in enumerate(global_counts(statistics, request.budget))}
+        return dict(enumerate(global_counts(statistics, request.budget, self.floor)))
 
 
-def global_counts(ranked: list[torch.Tensor], budget: torch.Tensor) -> list[torch.Tensor]:
+def global_counts(ranked: list[torch.Tensor], budget: torch.Tensor, floor: float = 0.0) -> list[torch.Tensor]:
     """Rows each (sequence, KV head) of each layer keeps under one top-k per sequence.
 
     ``ranked`` holds each layer's (B, H_kv, T_l) scores (-inf for empty slots, +inf for protected rows);
     ``budget`` (B,) is the average rows per head per layer. A sequence keeps
     ``sum over layers and heads of min(budget, rows)`` rows in all: a head shorter than the budget (a
-    sliding-window layer, a short prompt) is not charged for rows it never held.
+    sliding-window layer, a short prompt) is not charged for rows it never held. ``floor`` > 0: each head's
+    best ``floor x budget`` rows rank before every other unprotected row.
     """
     b = ranked[0].shape[0]
+    if floor > 0:  # lifted above every other unprotected row of any layer
+        finite = torch.cat([r[torch.isfinite(r)] for r in ranked])
+        lift = float(finite.max() - finite.min()) + 1.0 if finite.numel() else 0.0
+        ranked = [_lift_best(r, (floor * budget).long(), lift) for r in ranked]
     stored = [(r > float("-inf")).sum(-1) for r in ranked]  # (B, H_kv) per layer
     totals = sum(s.clamp(max=budget[:, None]).sum(-1) for s in stored)  # (B,)
     flat = torch.cat([r.reshape(b, -1) for r in ranked], dim=1)  # (B, sum_l H_kv * T_l)
@@ -69,3 +78,14 @@ def global_counts(ranked: list[torch.Tensor], budget: torch.Tensor) -> list[torc
         top = flat[i].sort(descending=True, stable=True).indices[: int(totals[i])]  # ties: storage order
         counts[i] = torch.bincount(owner[top], minlength=len(widths))
     return list(counts.split([r.shape[1] for r in ranked], dim=1))
+
+
+def _lift_best(ranked: torch.Tensor, rows: torch.Tensor, lift: float) -> torch.Tensor:
+    """``ranked`` (B, H_kv, T) with each head's best ``rows`` (B,) finite scores raised by ``lift``;
+    protected (+inf) and empty (-inf) slots unchanged."""
+    finite = torch.isfinite(ranked)
+    order = ranked.masked_fill(~finite, float("-inf")).argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(ranked.shape[-1], device=order.device).expand_as(order)
+    )
+    return torch.where(finite & (rank < rows[:, None, None]), ranked + lift, ranked)

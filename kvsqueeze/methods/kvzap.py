@@ -15,6 +15,7 @@ weights ship with kvsqueeze (:mod:`kvsqueeze.weights`). ``weights=PATH`` takes a
 ``||W_O v|| / ||h||``, the targets of the KVzap paper), made by ``kvsqueeze calibrate --teacher kvzip+`` and
 kept apart from the KVzip-fitted ones (``kvzap_plus`` in the user cache and the package). ``mlp=True`` uses
 the two-layer MLP student (``calibrate --student mlp``, kept as ``kvzap_mlp`` / ``kvzap_plus_mlp``).
+``floor`` gives every layer and head a share of the budget first, as in ``kvzip``.
 """
 
 from __future__ import annotations
@@ -53,8 +54,14 @@ class KVzap(Method):
     weights: str = ""  # a weights file; "" finds the calibrated or shipped weights of the model
     plus: bool = False  # weights fitted to KVzip+ scores (calibrate --teacher kvzip+) instead of KVzip's
     mlp: bool = False  # the two-layer MLP student (calibrate --student mlp) instead of the linear one
+    floor: float = 0.0  # every (layer, head) keeps at least this share of the average budget (0: plain top-k)
     # the loaded weights (set by `for_model`, not a hyperparameter)
     fitted: ScorerWeights | None = field(default=None, repr=False, compare=False, metadata={"internal": True})
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.floor <= 1.0:
+            raise ValueError(f"kvzap: floor must be in [0, 1], got {self.floor}")
 
     def for_model(self, model: torch.nn.Module | None) -> Method:
         if self.fitted is not None:
@@ -81,5 +88,8 @@ class KVzap(Method):
     def components(self) -> Components:
         scorer = LearnedScorer(self.fitted) if self.fitted is not None else None
         return Components(
-            scorer, GlobalTopK(sinks=self.sinks, window=self.window), sinks=self.sinks, window=self.window
+            scorer,
+            GlobalTopK(sinks=self.sinks, window=self.window, floor=self.floor),
+            sinks=self.sinks,
+            window=self.window,
         )
