@@ -64,10 +64,9 @@ def main() -> None:
             cache = source.fork(name, float(keep), **params)
             rows, some, every = [], [], []
             for layer in cache.layers:
-                positions = layer.rows.padded("positions", fill=-1).view(layer.num_kv_heads, -1)  # (H_kv, T)
-                kept = torch.zeros(layer.num_kv_heads, ids.shape[1], dtype=torch.bool)
-                for head, row in enumerate(positions):
-                    kept[head, row[row >= 0].long()] = True
+                kept = torch.zeros(layer.num_kv_heads, ids.shape[1], dtype=torch.bool)  # (H_kv, T)
+                for head, positions in enumerate(layer.kept_positions()[0]):
+                    kept[head, positions] = True
                 rows.append(int(kept.sum()))
                 some.append(float(kept[:, facts].any(0).float().mean()))
                 every.append(float(kept[:, facts].all(0).float().mean()))

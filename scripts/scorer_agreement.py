@@ -43,10 +43,11 @@ def main() -> None:
     args = parser.parse_args()
     if not 1 <= args.held_out < args.documents:
         raise SystemExit(f"held_out must be in [1, documents), got {args.held_out}")
+    held_out = range(args.documents - args.held_out, args.documents)
+    rows = {d: load_row_shards(args.rows, range(d, d + 1)) for d in held_out}  # (N, R, D), (N, R, H_kv)
     for path in args.weights:
         weights = ScorerWeights.load(path)
-        for document in range(args.documents - args.held_out, args.documents):
-            x, y = load_row_shards(args.rows, range(document, document + 1))  # (N, R, D), (N, R, H_kv)
+        for document, (x, y) in rows.items():
             predicted = torch.stack([weights.predict(n, x[n]) for n in range(x.shape[0])])  # (N, R, H_kv)
             offset = (predicted - y).mean(1)  # (N, H_kv)
             shares = ", ".join(f"top {keep:g}: {top_share(y, predicted, keep):.3f}" for keep in KEEPS)

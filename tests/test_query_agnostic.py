@@ -214,9 +214,8 @@ def test_stored_bytes_follow_the_ratio(llama, tokenizer, method, ratio):
 def test_floor_gives_every_head_its_share_of_the_budget(llama, tokenizer, method, floor):
     ids = prompt_ids(tokenizer, "Numbers: 1841, 2203, 9977 and 5150 are filed here. " * 6)
     share = int(floor * int(torch.ceil(torch.tensor(ids.shape[1] * 0.25))))
-    kept = {}
+    weights, kept = random_weights(llama), {}
     for f in (0.0, floor):
-        weights = random_weights(llama)
         built = get_method("kvzip", floor=f) if method == "kvzip" else KVzap(fitted=weights, floor=f)
         cache = SqueezeCache(llama, built, 0.25, tokenizer=tokenizer)
         with torch.inference_mode():
