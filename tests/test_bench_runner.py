@@ -10,6 +10,7 @@ import torch
 from kvsqueeze.bench import Sample
 from kvsqueeze.bench.prompts import encode_sample
 from kvsqueeze.bench.report import (
+    OLD_PEAK_MARK,
     markdown_table,
     paired_table,
     plot_results,
@@ -90,6 +91,24 @@ def test_deterministic_and_resumable(model_and_tokenizer, tmp_path):
     after = {p: p.stat().st_mtime_ns for p in (tmp_path / "a").rglob("*.json")}
     assert {p: t for p, t in after.items() if p in before} == before
     assert sorted(p.name for p in set(after) - set(before)) == ["knorm@0.25.json", "random@0.1.json"]
+
+
+def test_runs_copy_their_rows_not_the_model(model_and_tokenizer, tmp_path, monkeypatch):
+    """A run answers from a copy of its compressed cache that shares the model: a deep copy of the model
+    (as before 2026-12-08) put one more model's weights into every run's peak memory."""
+    model, tokenizer = model_and_tokenizer
+
+    def refuse(memo):
+        raise AssertionError("the bench deep-copied the model")
+
+    monkeypatch.setattr(model, "__deepcopy__", refuse, raising=False)
+    cfg = config(settings=["query_agnostic"], tasks=["niah_single_number"], budgets=[0.25], num_samples=1)
+    records = run_bench(model, tokenizer, cfg, tmp_path, progress=False)
+    assert records and all(r["peak_rss_own"] for r in records)
+    table = markdown_table(records, "query_agnostic")
+    assert f" {OLD_PEAK_MARK} |" not in table  # the mark is for peaks measured with the copies
+    old = [{**r, "peak_rss_own": False} for r in records]
+    assert f"{OLD_PEAK_MARK} |" in markdown_table(old, "query_agnostic")
 
 
 def test_ratio_summary_names_the_best_press_per_ratio():

@@ -16,6 +16,7 @@ def _row_key(record: dict) -> tuple[str, str, float]:
 
 
 CALIBRATED = 0.85  # a task counts in the headline average when the full cache scores at least this
+OLD_PEAK_MARK = "†"  # a peak RSS measured while every run held deep copies of the model (before 2026-12-08)
 
 
 def calibrated_tasks(records: list[dict]) -> list[str]:
@@ -71,7 +72,10 @@ def markdown_table(records: list[dict], setting: str) -> str:
         "the row's tasks (`tasks` says how many ran), and over the tasks where the full cache scores at least "
         f"{100 * CALIBRATED:.0f}% ({_excluded(tasks, passed)}); "
         "KL and top-1 against the full cache over a teacher-forced continuation; "
-        "peak RSS = the process's peak resident memory; "
+        "peak RSS = the process's peak resident memory while the row ran (kvsqueeze: the model and the "
+        "prompt's recorded prefill, which every row forks from, included; kvpress: its worker's peak), "
+        f"{OLD_PEAK_MARK} = measured before 2026-12-08, when each run also held deep copies of the model "
+        "(one or more models' weights too high); "
         "overhead = time spent compressing (scoring and selection) / prefill time.",
         "",
         "| " + " | ".join(header) + " |",
@@ -92,7 +96,7 @@ def markdown_table(records: list[dict], setting: str) -> str:
             _num(mean_of(r["kl"] for r in every), 3),
             _pct(mean_of(r["top1"] for r in every)),
             _num(mean_of(r["cache_bytes"] / max(1, r["full_cache_bytes"]) for r in every), 3),
-            _bytes(mean_of(r.get("peak_rss_bytes") for r in every)),
+            _bytes(mean_of(r.get("peak_rss_bytes") for r in every)) + _copied_models_mark(every),
             _num(mean_of(r.get("prefill_tokens_per_second") for r in every), 0),
             _num(mean_of(r["decode_tokens_per_second"] for r in every), 1),
             _num(mean_of(r["compression_overhead"] for r in every), 2),
@@ -103,6 +107,12 @@ def markdown_table(records: list[dict], setting: str) -> str:
     full_bytes = mean_of(r["full_cache_bytes"] for r in full_rows)
     lines += ["", f"Full cache: {format_bytes(int(full_bytes))} on average per sample."]
     return "\n".join(lines)
+
+
+def _copied_models_mark(records: list[dict]) -> str:
+    """:data:`OLD_PEAK_MARK` if a kvsqueeze record's peak was measured while runs copied the model."""
+    ours = [r for r in records if r.get("source", "kvsqueeze") == "kvsqueeze"]
+    return OLD_PEAK_MARK if any(not r.get("peak_rss_own", False) for r in ours) else ""
 
 
 def _excluded(tasks: list[str], passed: list[str]) -> str:

@@ -17,10 +17,7 @@ and a larger ``num_samples`` computes only the new samples.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,6 +31,7 @@ from kvsqueeze.bench.report import mean_of
 from kvsqueeze.bench.scoring import postprocess, score_sample
 from kvsqueeze.bench.tasks import TASKS, Sample, generate_samples, get_task
 from kvsqueeze.cache import Budget, SqueezeCache
+from kvsqueeze.memory import peak_rss, release_freed_memory, reset_peak_rss
 from kvsqueeze.methods import Method, get_method, with_profile
 
 
@@ -122,23 +120,9 @@ class SampleOutcome:
     )
     teacher_ids: list[int] = field(default_factory=list)  # the full cache's continuation (full rows only)
     prompt_tokens: int = 0  # tokens compressed (0 in records written before it was kept)
-
-
-def reset_peak_rss() -> None:
-    """Start a new peak-memory window (Linux: writing 5 to /proc/self/clear_refs resets VmHWM)."""
-    with contextlib.suppress(OSError):  # not Linux: peak_rss() falls back to the lifetime peak
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_rss() -> int:
-    """Peak resident memory of this process since the last :func:`reset_peak_rss`, in bytes."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # False in records written before 2026-12-08: each run's answer cache deep-copied the model, and the
+    # peak window opened with the last run's caches still held, so their peaks run one or more models high
+    peak_rss_own: bool = False
 
 
 def greedy(
@@ -229,11 +213,13 @@ def run_sample(
     results: dict[tuple[str, float], SampleOutcome] = {}
     for spec, budget in runs:
         method = spec.build()
+        cache = answer_cache = None  # the last run's caches, and the heap pages they held, are not this run's
+        release_freed_memory()
         reset_peak_rss()
         cache = source.fork(method, budget)
         compression = cache.compression_seconds()  # scoring + selection only, not the fork's copy
         stored, full_bytes = cache.nbytes(), cache.full_nbytes()  # the compressed context, as kvpress reports
-        answer_cache = copy.deepcopy(cache)  # the same compressed rows; scoring again would be wasted
+        answer_cache = cache.copy()  # the same compressed rows (the model is shared); scoring again is waste
         tokens, rate = greedy(model, answer_cache, encoded.followup_ids, max_new_tokens, eos)
         raw = tokenizer.decode(tokens, skip_special_tokens=True)
         prediction = postprocess(raw, sample.answer_prefix)
@@ -254,6 +240,7 @@ def run_sample(
             compression_seconds=compression,
             prefill_seconds=prefill,
             peak_rss_bytes=peak_rss(),
+            peak_rss_own=True,
             teacher_ids=teacher if spec.name == "full" else [],
             prompt_tokens=encoded.compressed_ids.shape[1],
         )
@@ -433,6 +420,7 @@ def _statistics(outcomes: list[SampleOutcome], length: int) -> dict:
         if prefill > 0
         else 0.0,
         "peak_rss_bytes": max(o.peak_rss_bytes for o in outcomes),
+        "peak_rss_own": all(o.peak_rss_own for o in outcomes),
         "samples": [asdict(o) for o in outcomes],
     }
 

@@ -19,8 +19,6 @@ for its duration (no chunked prefill). The HTTP side talks to the engine only th
 from __future__ import annotations
 
 import collections
-import ctypes
-import gc
 import logging
 import threading
 import time
@@ -30,6 +28,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kvsqueeze.cache.cache import SqueezeCache
+from kvsqueeze.memory import release_freed_memory
 from kvsqueeze.server.engine.admission import AdmissionController, Ticket, bytes_per_token, prior_ratio
 from kvsqueeze.server.engine.batch import BatchedCache
 from kvsqueeze.server.engine.detok import TextStream
@@ -234,8 +233,7 @@ class Engine:
                 self._fail(s, APIError(500, f"internal error: {type(err).__name__}: {err}"))
         self._update_gauges()
         if not self._running and not self._admitted:
-            gc.collect()  # what the finished requests left in reference cycles
-            _trim_memory()
+            release_freed_memory()  # what the finished requests left in reference cycles and the heap
 
     def _admit(self) -> None:
         """Admit waiting requests in order while they fit (called with the lock held)."""
@@ -418,18 +416,3 @@ def _free(seq: _Sequence) -> None:
     if seq.cache is not None:
         seq.cache.reset()
         seq.cache = None
-
-
-def _trim_memory() -> None:
-    """Hand freed heap pages back to the OS once the batch empties (glibc keeps them otherwise)."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL("libc.so.6")
-        except OSError:
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC: ctypes.CDLL | bool | None = None
