@@ -101,6 +101,7 @@ KVPRESS_RUN = {"kvzip": "kvpress's KVzip (float32)", "kvzip_plus": "kvpress's KV
 KEEP_HEADER = {"keep_header": True}
 # KVzip+: each replay attention weighed by ||W_O v|| / ||h|| (the KVzap paper's teacher)
 PLUS = {"plus": True}
+FLOOR = {"floor": 0.25}
 ROWS = {
     "query_agnostic": (
         MethodSpec("kvzip"),
@@ -109,6 +110,11 @@ ROWS = {
         MethodSpec("kvzap"),
         MethodSpec("kvzap", PLUS),
         MethodSpec("kvzap", {"mlp": True, **PLUS}),  # the MLP student (calibrate --student mlp)
+        # every (layer, KV head) first gets its best quarter (half) of its share of the budget (the global
+        # top-k alone leaves most layers a few rows at keep 0.1: scripts/kept_rows.py)
+        MethodSpec("kvzap", FLOOR),
+        MethodSpec("kvzap", {**PLUS, **FLOOR}),
+        MethodSpec("kvzap", {**PLUS, "floor": 0.5}),
     ),
     "query_aware": (
         MethodSpec("kvzip", KEEP_HEADER),
@@ -238,6 +244,21 @@ def against(records: list[dict], budget: float, row: str, name: str) -> list[str
     ]
 
 
+def floor_lines(records: list[dict]) -> list[str]:
+    """Each floored row against the same method without the floor, sample by sample, per keep ratio."""
+    lines = []
+    for spec in ROWS["query_agnostic"]:
+        if not spec.params.get("floor"):
+            continue
+        plain = MethodSpec(spec.name, {k: v for k, v in spec.params.items() if k != "floor"}).label
+        for budget in BUDGETS:
+            pair = [r for r in records if r["method"] in (plain, spec.label) and r["budget"] == budget]
+            if any(r["method"] == spec.label for r in pair):
+                lines += ["", f"`{spec.label}` against `{plain}` at keep {budget:g}, sample by sample:", ""]
+                lines.append(paired_table(pair, baseline=f"{plain} @ {budget:g}"))
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -311,7 +332,10 @@ def main() -> None:
         "is kvzap with weights fitted to those scores (`scripts/make_scorer_weights.py --teacher kvzip+`); "
         "plain `kvzap` is fitted to KVzip's. `kvzap(mlp=True,plus=True)` is the paper's two-layer MLP student "
         "(64 hidden units) fitted to the same scores on 1024 sampled rows per document; its weights do not ship "
-        "(`scripts/make_scorer_weights.py --teacher kvzip+ --student mlp ALIAS` makes them in the user cache).",
+        "(`scripts/make_scorer_weights.py --teacher kvzip+ --student mlp ALIAS` makes them in the user cache). "
+        "`floor=F`: every layer and KV head first keeps its best F x the average budget, then one top-k ranks "
+        "the rest (the plain top-k follows each layer's score scale and can leave a layer only its sinks: "
+        "`scripts/kept_rows.py`); each floored row is paired below with the same method without it.",
     ]
     for setting in ("query_agnostic", "query_aware"):
         records = load_records(config(setting, target), records_folder(target, setting))
@@ -345,6 +369,8 @@ def main() -> None:
         for press, name in KVPRESS_RUN.items():
             for budget in sorted(ran[press]):
                 lines += against(records, budget, f"kvpress {press}", name)
+        if setting == "query_agnostic":
+            lines += floor_lines(records)
         theirs = ran["kvzip"]
         if setting == "query_agnostic" and target.block == "query_agnostic" and not theirs:
             zero = sample_zero_lines(records)
