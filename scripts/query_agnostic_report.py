@@ -115,6 +115,8 @@ ROWS = {
         MethodSpec("kvzap", FLOOR),
         MethodSpec("kvzap", {**PLUS, **FLOOR}),
         MethodSpec("kvzap", {**PLUS, "floor": 0.5}),
+        MethodSpec("kvzip", {**PLUS, **FLOOR}),  # the teacher with the same floors
+        MethodSpec("kvzip", {**PLUS, "floor": 0.5}),
     ),
     "query_aware": (
         MethodSpec("kvzip", KEEP_HEADER),
