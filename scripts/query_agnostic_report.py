@@ -253,11 +253,10 @@ def floor_lines(records: list[dict]) -> list[str]:
         if not spec.params.get("floor"):
             continue
         plain = MethodSpec(spec.name, {k: v for k, v in spec.params.items() if k != "floor"}).label
+        pair = [r for r in records if r["method"] in (plain, spec.label)]
         for budget in BUDGETS:
-            pair = [r for r in records if r["method"] in (plain, spec.label) and r["budget"] == budget]
-            if any(r["method"] == spec.label for r in pair):
-                lines += ["", f"`{spec.label}` against `{plain}` at keep {budget:g}, sample by sample:", ""]
-                lines.append(paired_table(pair, baseline=f"{plain} @ {budget:g}"))
+            if any(r["method"] == spec.label and r["budget"] == budget for r in pair):
+                lines += against(pair, budget, plain, f"`{plain}` without the floor")
     return lines
 
 

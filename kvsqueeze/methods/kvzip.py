@@ -27,8 +27,8 @@ ranks the rest. Scores differ in scale from layer to layer, and the plain top-k 
 Qwen2.5-Coder-0.5B at keep 0.1 (``kvzap``, variable_tracking sample 0, ``scripts/kept_rows.py
 variable_tracking 0 kvzap@0.1``) layer 16 keeps 8044 of its 8196 rows while 10 of the 24 layers keep at
 most 80, and with them almost none of the facts. The default is KVzip's (0). The floor is measured on
-``kvzap`` (the query_agnostic blocks of docs/RESULTS.md, ``scripts/query_agnostic_report.py``), not yet on
-``kvzip`` itself.
+``kvzap`` (the query_agnostic blocks of docs/RESULTS.md, ``scripts/query_agnostic_report.py``) and, on
+SmolLM2-135M only, on ``kvzip(plus=True)``, where neither 0.25 nor 0.5 gained.
 
 With the question inside the compressed prompt (query-aware), a replay scores the question like any context
 it repeats, and at keep 0.1 it is often evicted (the kept-needle block of docs/RESULTS.md): ``window=16``
